@@ -1,0 +1,28 @@
+"""User-facing errors.
+
+Anything a user can cause (a bad checkpoint, a wrong config, a malformed conversation, a missing
+vocabulary) raises a subclass of `GptOssError` with a one-line message that names the file,
+tensor or message at fault. The CLI prints that line and exits with code 2; any other exception
+is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+
+class GptOssError(Exception):
+    """Base class for errors caused by input, not by a bug."""
+
+
+class ConfigError(GptOssError):
+    """The model's config.json is missing, unreadable or not a gpt-oss config."""
+
+
+class CheckpointError(GptOssError):
+    """A checkpoint file or tensor is missing, truncated, or has the wrong shape or dtype."""
+
+
+class VocabularyError(GptOssError):
+    """The o200k_base vocabulary cannot be found, or its SHA-256 does not match."""
+
+
+class HarmonyError(GptOssError):
+    """A conversation or token stream breaks the harmony format."""

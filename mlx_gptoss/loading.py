@@ -1,0 +1,97 @@
+"""`load(path)`: a model directory (Hugging Face hub layout or converted) -> (model, tokenizer).
+
+Weights stay lazy (memory-mapped safetensors) until the single `mx.eval` at the end, so each
+tensor is read once and only the repacked expert rows are ever materialised anew.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import ModelConfig, load_config
+from .errors import CheckpointError, GptOssError
+from .formats import canonical_tensors
+from .model import Model
+
+_QUANTIZABLE = {
+    "attention": lambda path: ".self_attn." in path,
+    "embeddings": lambda path: path.endswith("embed_tokens"),
+    "lm_head": lambda path: path == "lm_head",
+    "router": lambda path: path.endswith("mlp.router"),
+}
+
+
+def resolve_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype:
+    """The compute dtype; None means the checkpoints' bf16."""
+    if dtype is None:
+        return mx.bfloat16
+    if isinstance(dtype, mx.Dtype):
+        return dtype
+    names = {"bfloat16": mx.bfloat16, "bf16": mx.bfloat16, "float16": mx.float16,
+             "fp16": mx.float16, "float32": mx.float32, "fp32": mx.float32}
+    if dtype not in names:
+        raise GptOssError(f"unsupported dtype {dtype!r}; use one of {sorted(names)}")
+    return names[dtype]
+
+
+def build_model(cfg: ModelConfig) -> Model:
+    """The module graph for `cfg`, with the converter's quantization applied if it recorded one."""
+    model = Model(cfg)
+    q = cfg.quantization
+    if q is not None:
+        wanted = [_QUANTIZABLE[m] for m in q.modules]
+        nn.quantize(
+            model, group_size=q.group_size, bits=q.bits, mode=q.mode,
+            class_predicate=lambda path, module: isinstance(module, (nn.Linear, nn.Embedding))
+            and any(match(path) for match in wanted),
+        )
+    return model
+
+
+def load_model(path: str | Path, dtype: str | mx.Dtype | None = None) -> tuple[Model, str]:
+    """The model alone, and the checkpoint format it was read from."""
+    path = Path(path)
+    if not path.is_dir():
+        raise GptOssError(f"{path}: model directory not found")
+    cfg = load_config(path)
+    raw = json.loads((path / "config.json").read_text())
+    compute = resolve_dtype(dtype)
+    fmt, tensors = canonical_tensors(path, cfg, raw)
+    weights = []
+    for name, value in tensors:
+        if mx.issubdtype(value.dtype, mx.floating):
+            value = value.astype(compute)
+        weights.append((name, value))
+    model = build_model(cfg)
+    model.load_weights(weights, strict=True)
+    try:
+        mx.eval(model.parameters())
+    except (RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{path}: failed to read weights ({e})") from None
+    model.eval()
+    return model, fmt
+
+
+def load(path: str | Path, dtype: str | mx.Dtype | None = None) -> tuple[Model, Any]:
+    """Load a gpt-oss model directory: returns `(model, tokenizer)`.
+
+    `dtype` sets the compute dtype of the non-quantized weights and so of the activations
+    (e.g. "float32"); the default keeps the checkpoint's bf16. MXFP4 experts stay packed.
+    """
+    model, _ = load_model(path, dtype)
+    return model, load_tokenizer_for(Path(path))
+
+
+def load_tokenizer_for(path: Path) -> Any:
+    from .harmony import load_tokenizer
+
+    return load_tokenizer(model_dir=path)
+
+
+def parameter_bytes(model: Model) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))

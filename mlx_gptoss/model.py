@@ -1,0 +1,263 @@
+"""The gpt-oss module graph in MLX, stated as plainly as the reference.
+
+block:  h = x + attn(norm(x));  out = h + moe(norm(h))
+attn:   GQA with q/k/v/o biases, YaRN RoPE, a learned per-head sink logit in the softmax
+        denominator, a sliding window of `sliding_window` keys on the layers that say so.
+moe:    router (linear + bias) -> top-k -> softmax over the k; each expert is a clamped SwiGLU
+        with MXFP4 weights multiplied in place by `gather_qmm`, never dequantized.
+
+Parameter names match the Hugging Face checkpoint except the experts, whose gate/up rows are
+regrouped (see `formats.hf`).
+"""
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .cache import KVCache, SlidingWindowCache
+from .config import ModelConfig, RopeConfig
+from .mxfp4 import BITS, GROUP_SIZE, MODE
+
+# Above this many (token, expert) pairs, sorting tokens by expert makes gather_qmm read each
+# expert's weights once instead of once per token.
+_SORT_THRESHOLD = 64
+
+
+def rope_frequencies(rope: RopeConfig, head_dim: int) -> tuple[np.ndarray, float]:
+    """Inverse frequencies and the cos/sin attention factor, computed as transformers does.
+
+    The YaRN correction range is floored/ceiled only when `truncate` is true; the gpt-oss
+    checkpoints say false (mlx-lm 0.32 rounds it anyway, which is why it drifts).
+    """
+    dim = head_dim
+    exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    pos_freqs = np.power(np.float32(rope.theta), exponents, dtype=np.float32)
+    if rope.type == "default":
+        return (np.float32(1.0) / pos_freqs).astype(np.float32), 1.0
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(rope.original_max_position_embeddings / (rotations * 2 * math.pi))
+                ) / (2 * math.log(rope.theta))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    extrapolation = (1 - ramp).astype(np.float32)
+    inv_extra = np.float32(1.0) / pos_freqs
+    inv_inter = np.float32(1.0) / (np.float32(rope.factor) * pos_freqs)
+    inv_freq = inv_inter * (1 - extrapolation) + inv_extra * extrapolation
+    if rope.attention_factor is not None:
+        factor = float(rope.attention_factor)
+    else:
+        factor = 0.1 * math.log(rope.factor) + 1.0 if rope.factor > 1 else 1.0
+    return inv_freq.astype(np.float32), factor
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, sliding: bool):
+        super().__init__()
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.window = cfg.sliding_window if sliding else None
+        width = cfg.num_attention_heads * cfg.head_dim
+        kv_width = cfg.num_key_value_heads * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, width, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, kv_width, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, kv_width, bias=True)
+        self.o_proj = nn.Linear(width, cfg.hidden_size, bias=True)
+        self.sinks = mx.zeros((cfg.num_attention_heads,))
+        inv_freq, attention_factor = rope_frequencies(cfg.rope, cfg.head_dim)
+        self._rope_periods = mx.array(1.0 / inv_freq)
+        # YaRN multiplies cos and sin by `attention_factor` for both q and k, which scales
+        # every score by its square: fold that into the softmax scale instead.
+        self.scale = attention_factor**2 / math.sqrt(cfg.head_dim)
+
+    def _rope(self, x: mx.array, offset: int) -> mx.array:
+        return mx.fast.rope(x, self.head_dim, traditional=False, base=None, scale=1.0,
+                            offset=offset, freqs=self._rope_periods)
+
+    def __call__(self, x: mx.array, mask, cache) -> mx.array:
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.n_heads, -1).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(b, t, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(b, t, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        offset = cache.offset if cache is not None else 0
+        q, k = self._rope(q, offset), self._rope(k, offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        out = mx.fast.scaled_dot_product_attention(
+            q, k, v, scale=self.scale, mask=mask, sinks=self.sinks.astype(q.dtype)
+        )
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, t, -1))
+
+
+class MXFP4SwitchLinear(nn.Module):
+    """One linear layer per expert, weights in MXFP4, applied to each token's chosen experts."""
+
+    def __init__(self, num_experts: int, input_dims: int, output_dims: int):
+        super().__init__()
+        self.weight = mx.zeros((num_experts, output_dims, input_dims * BITS // 32), mx.uint32)
+        self.scales = mx.zeros((num_experts, output_dims, input_dims // GROUP_SIZE), mx.uint8)
+        self.bias = mx.zeros((num_experts, output_dims))
+
+    def __call__(self, x: mx.array, experts: mx.array, sorted_experts: bool) -> mx.array:
+        y = mx.gather_qmm(x, self.weight, self.scales, None, rhs_indices=experts, transpose=True,
+                          group_size=GROUP_SIZE, bits=BITS, mode=MODE,
+                          sorted_indices=sorted_experts)
+        return y + mx.expand_dims(self.bias[experts], -2)
+
+
+class Experts(nn.Module):
+    """Clamped SwiGLU experts. `gate_up` holds the gate rows first, then the up rows."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.intermediate = cfg.intermediate_size
+        self.limit = cfg.swiglu_limit
+        self.alpha = cfg.swiglu_alpha
+        self.gate_up = MXFP4SwitchLinear(cfg.num_local_experts, cfg.hidden_size,
+                                         2 * cfg.intermediate_size)
+        self.down = MXFP4SwitchLinear(cfg.num_local_experts, cfg.intermediate_size,
+                                      cfg.hidden_size)
+
+    def __call__(self, x: mx.array, experts: mx.array) -> mx.array:
+        """x `[N, H]`, experts `[N, k]` -> per-expert outputs `[N, k, H]`."""
+        n, k = experts.shape
+        sort = experts.size >= _SORT_THRESHOLD
+        if sort:
+            flat = experts.flatten()
+            order = mx.argsort(flat)
+            unsort = mx.argsort(order)
+            rows = mx.expand_dims(x[order // k], -2)  # [N*k, 1, H], grouped by expert
+            experts_used = flat[order]
+        else:
+            rows = mx.expand_dims(x, (-2, -3))  # [N, 1, 1, H], broadcast over k
+            experts_used = experts
+        h = self.gate_up(rows, experts_used, sort)
+        gate, up = h[..., : self.intermediate], h[..., self.intermediate:]
+        gate = mx.minimum(gate, self.limit)
+        up = mx.clip(up, -self.limit, self.limit)
+        h = (up + 1) * (gate * mx.sigmoid(self.alpha * gate))
+        y = self.down(h, experts_used, sort).squeeze(-2)
+        if sort:
+            y = y[unsort].reshape(n, k, -1)
+        return y
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.router = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=True)
+        self.experts = Experts(cfg)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        logits = self.router(x)
+        chosen = mx.argpartition(-logits, kth=self.top_k - 1, axis=-1)[:, : self.top_k]
+        weights = mx.softmax(mx.take_along_axis(logits, chosen, axis=-1), axis=-1, precise=True)
+        y = self.experts(x, chosen)
+        y = (y * weights[..., None]).sum(axis=-2)
+        return y.reshape(shape)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, sliding: bool):
+        super().__init__()
+        self.sliding = sliding
+        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, sliding)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def __call__(self, x: mx.array, mask, cache) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class GptOssModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = [TransformerBlock(cfg, s) for s in cfg.sliding_layers]
+        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+
+def attention_mask(queries: int, offset: int, history: int, window: int | None):
+    """Mask for `queries` new positions starting at `offset`, after `history` cached keys.
+
+    Keys cover positions `offset - history ... offset + queries - 1`. A query at q sees k when
+    `k <= q` and, with a window, `k > q - window`. None when nothing needs masking.
+    """
+    keys = history + queries
+    if queries == 1 and (window is None or keys <= window):
+        return None
+    if window is None and history == offset:
+        return "causal"
+    q = mx.arange(offset, offset + queries)[:, None]
+    k = mx.arange(offset - history, offset + queries)[None, :]
+    visible = k <= q
+    if window is not None:
+        visible = visible & (k > q - window)
+    return visible
+
+
+class Model(nn.Module):
+    """gpt-oss for causal LM: `model(tokens[B, T], cache=None) -> logits[B, T, vocab]`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model_type = "gpt_oss"
+        self.model = GptOssModel(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    @property
+    def layers(self) -> list[TransformerBlock]:
+        return self.model.layers
+
+    def make_cache(self, sliding_slack: int = 0) -> list[KVCache | SlidingWindowCache]:
+        return [SlidingWindowCache(self.config.sliding_window, sliding_slack) if layer.sliding
+                else KVCache() for layer in self.layers]
+
+    def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
+        x = self.model.embed_tokens(inputs)
+        t = inputs.shape[1]
+        caches = cache if cache is not None else [None] * len(self.layers)
+        masks: dict[bool, object] = {}
+        for layer, layer_cache in zip(self.layers, caches):
+            if layer.sliding not in masks:
+                offset = layer_cache.offset if layer_cache is not None else 0
+                history = layer_cache.length if layer_cache is not None else 0
+                window = self.config.sliding_window if layer.sliding else None
+                masks[layer.sliding] = attention_mask(t, offset, history, window)
+            x = layer(x, masks[layer.sliding], layer_cache)
+        x = self.model.norm(x)
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(x)
+        return self.lm_head(x)
+
+
+def prefill(model: Model, tokens: mx.array, cache: list, chunk_size: int = 512) -> mx.array:
+    """Run `tokens [B, T]` through the cache in chunks; returns the last position's logits.
+
+    Chunking bounds the attention scores of full layers to `chunk x context` and keeps the
+    sliding layers' keys to `window - 1 + chunk`.
+    """
+    logits = None
+    for start in range(0, tokens.shape[1], chunk_size):
+        logits = model(tokens[:, start:start + chunk_size], cache=cache)[:, -1, :]
+        mx.eval(logits, [c.state for c in cache])
+    if logits is None:
+        raise ValueError("prefill needs at least one token")
+    return logits
