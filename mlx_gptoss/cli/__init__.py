@@ -23,9 +23,14 @@ app = typer.Typer(
 
 
 def _register() -> None:
+    """Import the command modules lazily, so `import mlx_gptoss` never pays for the CLI."""
     from . import harmony
 
     app.add_typer(harmony.app, name="harmony")
+    # Top-level commands: each module defines `register(app: typer.Typer) -> None`.
+    # (convert/verify, generate, chat and bench add themselves to this list.)
+    for module in ():
+        module.register(app)
 
 
 def main(argv: list[str] | None = None) -> None:
