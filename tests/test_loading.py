@@ -231,3 +231,18 @@ def test_streaming_writer_round_trips(tmp_path):
     back = mx.load(str(file))
     assert mx.array_equal(back["a"], a) and mx.array_equal(back["b"], b)
     assert read_header(file)["a"].shape == (3, 4)
+
+
+def test_weights_are_not_copied_twice(checkpoint_factory):
+    """Lazy, memory-mapped loading: peak memory stays near the parameters' own size
+    (a second full copy would double it)."""
+    from mlx_gptoss.loading import parameter_bytes
+
+    path = checkpoint_factory("medium_for_memory", hidden_size=512, intermediate_size=512,
+                              num_local_experts=16, num_hidden_layers=4, vocab_size=8192)
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    model, _ = load_model(path)
+    params = parameter_bytes(model)
+    assert mx.get_peak_memory() - before < 1.5 * params
