@@ -56,3 +56,36 @@ def dequantize_reference(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     exponent = np.asarray(scales, dtype=np.int32) - SCALE_BIAS
     values = values * np.ldexp(np.float32(1.0), exponent)[..., None].astype(np.float32)
     return values.reshape(*blocks.shape[:-2], -1)
+
+
+# Rounding thresholds on |x| / scale between consecutive E2M1 magnitudes; ">" at a threshold
+# means a tie goes down, ">=" up, so every tie lands on the even code (round half to even).
+_THRESHOLDS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False),
+               (3.5, True), (5.0, False))
+E2M1_MAX_EXPONENT = 2  # the largest E2M1 value is 6 = 1.5 * 2**2
+
+
+def quantize_blocks(w: mx.array) -> tuple[mx.array, mx.array]:
+    """OCP MX quantization of finite floats `[..., K]` along the last axis, nearest value.
+
+    Per the OCP MX v1.0 definition: a group's scale is 2^(floor(log2(max|x|)) - 2), each element
+    is x / scale rounded to the nearest E2M1 value (ties to even, saturating at ±6). Returns hub
+    blocks `[..., K/32, 16]` and E8M0 scales `[..., K/32]` (both uint8). MLX's own
+    `mx.quantize(mode="mxfp4")` picks scales differently, hence this implementation.
+    """
+    *lead, k = w.shape
+    x = w.astype(mx.float32).reshape(*lead, k // GROUP_SIZE, GROUP_SIZE)
+    amax = mx.max(mx.abs(x), axis=-1, keepdims=True)
+    # floor(log2(amax)) from the float32 exponent bits; zero and tiny groups clamp to 2^-127.
+    exponent = ((amax.view(mx.uint32) >> 23) & 0xFF).astype(mx.int32) - SCALE_BIAS
+    shared = mx.clip(exponent - E2M1_MAX_EXPONENT, -SCALE_BIAS, SCALE_BIAS)
+    inverse = ((SCALE_BIAS - shared) << 23).astype(mx.uint32).view(mx.float32)  # 2^-shared
+    a = mx.abs(x) * inverse  # exact: a power-of-two multiply
+    code = mx.zeros(a.shape, dtype=mx.uint8)
+    for threshold, tie_up in _THRESHOLDS:
+        code = code + ((a >= threshold) if tie_up else (a > threshold)).astype(mx.uint8)
+    code = code + (x < 0).astype(mx.uint8) * 8
+    pairs = code.reshape(*lead, k // GROUP_SIZE, 16, 2)
+    blocks = pairs[..., 0] + pairs[..., 1] * 16  # low nibble = even element
+    scales = (shared + SCALE_BIAS).astype(mx.uint8).squeeze(-1)
+    return blocks, scales

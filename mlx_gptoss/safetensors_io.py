@@ -174,20 +174,28 @@ def open_tensor_dir(path: Path) -> dict[str, TensorInfo]:
 
 class LazyTensors:
     """Tensors by name, read lazily: each shard is opened once with `mx.load` (memory-mapped
-    until evaluated) and a tensor's bytes are read only when something evaluates it."""
+    until evaluated) and a tensor's bytes are read only when something evaluates it.
 
-    def __init__(self, infos: dict[str, TensorInfo]):
+    `streaming=True` (the converter) maps the shard anew for every tensor and keeps nothing, so
+    an evaluated tensor is freed as soon as its last user drops it: memory stays bounded by
+    one tensor instead of growing to the whole shard."""
+
+    def __init__(self, infos: dict[str, TensorInfo], streaming: bool = False):
         self.infos = infos
+        self.streaming = streaming
         self._shards: dict[Path, dict[str, mx.array]] = {}
 
     def __getitem__(self, name: str) -> mx.array:
         file = self.infos[name].file
-        if file not in self._shards:
-            try:
-                self._shards[file] = mx.load(str(file))
-            except Exception as e:  # mlx raises plain RuntimeError/ValueError on bad files
-                raise CheckpointError(f"{file}: cannot load ({e})") from None
-        return self._shards[file][name]
+        if file in self._shards:
+            return self._shards[file][name]
+        try:
+            shard = mx.load(str(file))
+        except Exception as e:  # mlx raises plain RuntimeError/ValueError on bad files
+            raise CheckpointError(f"{file}: cannot load ({e})") from None
+        if not self.streaming:
+            self._shards[file] = shard
+        return shard[name]
 
     def __contains__(self, name: str) -> bool:
         return name in self.infos

@@ -78,6 +78,7 @@ def to_bf16_bits(x: np.ndarray) -> np.ndarray:
     return ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)
 
 
+_ITEMSIZE = {"BF16": 2, "U8": 1, "F32": 4}
 # A tensor to write: name, safetensors dtype, shape, and a row generator.
 _Tensor = tuple[str, str, tuple[int, ...], Callable[[], Iterator[np.ndarray]]]
 
@@ -165,8 +166,14 @@ def write_hf_checkpoint(path: str | Path, config: dict[str, Any], *, seed: int =
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = _tensors(config, np.random.default_rng(seed), expert_gain)
-    sizes = [int(np.prod(shape)) * (2 if dtype == "BF16" else 1)
-             for _, dtype, shape, _ in tensors]
+    _write_shards(path, tensors, num_shards)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    (path / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
+    return path
+
+
+def _write_shards(path: Path, tensors: list[_Tensor], num_shards: int) -> None:
+    sizes = [int(np.prod(shape)) * _ITEMSIZE[dtype] for _, dtype, shape, _ in tensors]
     total = sum(sizes)
     shards: list[list[int]] = [[] for _ in range(num_shards)]
     running = 0
@@ -187,6 +194,99 @@ def write_hf_checkpoint(path: str | Path, config: dict[str, Any], *, seed: int =
                 weight_map[name] = file
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (path / INDEX_NAME).write_text(json.dumps(index, indent=2))
-    (path / "config.json").write_text(json.dumps(config, indent=2))
+
+
+# ---- the other source layouts the converter reads, from the same random tensors ----------
+def _write_single(path: Path, tensors: list[_Tensor]) -> None:
+    entries = [(name, dtype, shape) for name, dtype, shape, _ in tensors]
+    with SafetensorsWriter(path / "model.safetensors", entries, {"format": "pt"}) as writer:
+        for name, _, _, rows in tensors:
+            for chunk in rows():
+                writer.write(name, memoryview(np.ascontiguousarray(chunk)).cast("B"))
+
+
+def original_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The `original/config.json` equivalent of a hub config (alternating layers assumed)."""
+    rope = config.get("rope_parameters") or config["rope_scaling"]
+    return {
+        "num_hidden_layers": config["num_hidden_layers"],
+        "num_experts": config["num_local_experts"],
+        "experts_per_token": config["num_experts_per_tok"],
+        "vocab_size": config["vocab_size"], "hidden_size": config["hidden_size"],
+        "intermediate_size": config["intermediate_size"],
+        "swiglu_limit": config["swiglu_limit"], "head_dim": config["head_dim"],
+        "num_attention_heads": config["num_attention_heads"],
+        "num_key_value_heads": config["num_key_value_heads"],
+        "sliding_window": config["sliding_window"],
+        "initial_context_length": rope["original_max_position_embeddings"],
+        "rope_theta": rope.get("rope_theta", config.get("rope_theta", 150000.0)),
+        "rope_scaling_factor": rope["factor"], "rope_ntk_alpha": rope["beta_slow"],
+        "rope_ntk_beta": rope["beta_fast"],
+    }
+
+
+def write_original_checkpoint(path: str | Path, config: dict[str, Any], *, seed: int = 0,
+                              expert_gain: float = 3.0) -> Path:
+    """The same random weights as `write_hf_checkpoint(config, seed)`, in OpenAI's
+    `original/` layout: one file, block.N names, fused q/k/v rows, original config keys."""
+    from .formats.original import source_name
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {t[0]: t for t in _tensors(config, np.random.default_rng(seed), expert_gain)}
+    out: list[_Tensor] = []
+    for name, (_, dtype, shape, rows) in tensors.items():
+        parts = name.split(".")
+        if len(parts) == 6 and parts[4] in ("q_proj", "k_proj", "v_proj"):
+            if parts[4] != "q_proj":
+                continue
+            fused = [tensors[name.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")]
+            rows_total = sum(t[2][0] for t in fused)
+
+            def chained(fused=fused):
+                for t in fused:
+                    yield from t[3]()
+            out.append((f"block.{parts[2]}.attn.qkv.{parts[5]}", dtype,
+                        (rows_total, *shape[1:]), chained))
+            continue
+        out.append((source_name(name), dtype, shape, rows))
+    _write_single(path, out)
+    (path / "config.json").write_text(json.dumps(original_config(config), indent=2))
+    (path / "dtypes.json").write_text(json.dumps(
+        {t[0]: {"BF16": "BF16", "U8": "UE8" if "scales" in t[0] else "FP4"}[t[1]] for t in out}))
+    return path
+
+
+def write_dense_checkpoint(path: str | Path, config: dict[str, Any], *, seed: int = 0,
+                           num_shards: int = 2, expert_gain: float = 3.0,
+                           dtype: str = "BF16", blocks_names: bool = False) -> Path:
+    """The same random weights as `write_hf_checkpoint(config, seed)` with the experts
+    dequantized (exactly) to x @ W float tensors, as fine-tuning tools export them;
+    `blocks_names` keeps the `_blocks` names and drops `_scales` like transformers 5.23."""
+    from .mxfp4 import dequantize_reference
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = _tensors(config, np.random.default_rng(seed), expert_gain)
+    by_name = {t[0]: t for t in tensors}
+    out: list[_Tensor] = []
+    for name, t_dtype, shape, rows in tensors:
+        if name.endswith("_scales"):
+            continue
+        if not name.endswith("_blocks"):
+            out.append((name, t_dtype, shape, rows))
+            continue
+        e, n_out, groups, _ = shape
+        scales = by_name[name[: -len("_blocks")] + "_scales"][3]
+
+        def dense_rows(blocks=rows, scales=scales):
+            for b, s in zip(blocks(), scales()):
+                w = dequantize_reference(b, s).transpose(0, 2, 1)  # x @ W: [1, in, out]
+                yield to_bf16_bits(w) if dtype == "BF16" else w.astype(np.float32)
+        dense_name = name if blocks_names else name[: -len("_blocks")]
+        out.append((dense_name, dtype, (e, groups * 32, n_out), dense_rows))
+    _write_shards(path, out, num_shards)
+    cfg = {k: v for k, v in config.items() if k != "quantization_config"}
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
     (path / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
     return path

@@ -11,25 +11,45 @@ import mlx.core as mx
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..safetensors_io import LazyTensors, TensorInfo, open_tensor_dir
-from . import hf, mlx_dir
+from . import dense, hf, mlx_dir, original
 
 CONVERTED_MARKER = "mlx_gptoss"
 
 
+FORMATS = {
+    "mlx": "MLX model directory written by mlx-gptoss",
+    "hf": "Hugging Face hub layout (MXFP4 experts)",
+    "original": "OpenAI original/ layout (MXFP4 experts)",
+    "hf-dense": "Hugging Face export with dense float experts",
+    "hf-dense-blocks": "Hugging Face export with dense float experts under _blocks names "
+                       "(transformers 5.23 save_pretrained)",
+}
+_MODULES = {"mlx": mlx_dir, "hf": hf, "original": original, "hf-dense": dense,
+            "hf-dense-blocks": dense}
+
+
 def detect_format(path: Path, raw_config: dict, infos: dict[str, TensorInfo]) -> str:
-    """'mlx' (written by our converter) or 'hf' (Hugging Face hub layout)."""
+    """One of `FORMATS`, decided from the config marker and the tensor names and dtypes."""
     if CONVERTED_MARKER in raw_config:
         return "mlx"
-    if any(name.endswith("_blocks") for name in infos):
-        return "hf"
-    raise CheckpointError(f"{path}: unrecognised checkpoint layout (no MXFP4 expert blocks)")
+    blocks = [info for name, info in infos.items() if name.endswith("_blocks")]
+    if blocks:
+        has_scales = any(name.endswith("_scales") for name in infos)
+        return "hf" if has_scales or blocks[0].dtype == "U8" else "hf-dense-blocks"
+    if any(name.endswith("mlp.experts.gate_up_proj") for name in infos):
+        return "hf-dense"
+    if any(name.startswith("block.") for name in infos) or "embedding.weight" in infos:
+        return "original"
+    raise CheckpointError(f"{path}: unrecognised checkpoint layout (no gpt-oss expert tensors)")
 
 
-def canonical_tensors(path: Path, cfg: ModelConfig, raw_config: dict
+def canonical_tensors(path: Path, cfg: ModelConfig, raw_config: dict, streaming: bool = False
                       ) -> tuple[str, Iterator[tuple[str, mx.array]]]:
-    """The detected format and an iterator over (parameter name, lazy array)."""
+    """The detected format and an iterator over (parameter name, lazy array).
+
+    `streaming` keeps no source tensor alive between accesses (see `LazyTensors`)."""
     infos = open_tensor_dir(path)
     fmt = detect_format(path, raw_config, infos)
-    module = {"hf": hf, "mlx": mlx_dir}[fmt]
+    module = _MODULES[fmt]
     module.validate(cfg, infos)
-    return fmt, module.to_canonical(cfg, LazyTensors(infos))
+    return fmt, module.to_canonical(cfg, LazyTensors(infos, streaming=streaming))
