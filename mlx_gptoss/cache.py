@@ -1,11 +1,21 @@
-"""KV caches: a growing one for full-attention layers, a bounded one for sliding layers.
+"""KV caches: a growing one for full-attention layers, a bounded one for sliding layers, and
+`PromptCache`, which reuses them across calls.
 
-Both follow mlx-lm's cache interface (`update_and_fetch`, `offset`, `state`, `is_trimmable`,
-`trim`) so mlx-lm's generation utilities can drive the model. The sliding cache keeps only
-the `window - 1` keys the next query can still see, plus an optional `slack` of older ones so a
-prompt cache can be trimmed back a little without recomputation.
+Both layer caches follow mlx-lm's cache interface (`update_and_fetch`, `offset`, `state`,
+`is_trimmable`, `trim`) so mlx-lm's generation utilities can drive the model. The sliding cache
+keeps only the `window - 1` keys the next query can still see, plus an optional `slack` of older
+ones so a prompt cache can be trimmed back a little without recomputation.
+
+Rewinding a sliding cache further than its slack is impossible by trimming: the keys are gone.
+`PromptCache` therefore also keeps *snapshots* (the sliding layers' arrays are immutable, so a
+snapshot is a few references, O(window) memory): one at the end of every prompt prefill, which is
+exactly where the next turn's rendered history departs from what was generated (dropped analysis,
+a tool call re-rendered with the recipient first). A rewind uses, in order: plain trimming, the
+latest snapshot at or before the common prefix, a full re-prefill. Each is exact.
 """
 from __future__ import annotations
+
+from typing import Any, Sequence
 
 import mlx.core as mx
 
@@ -65,6 +75,15 @@ class KVCache:
         n = min(self.offset, n)
         self.offset -= n
         return n
+
+    def snapshot(self) -> int:
+        """Positions before the snapshot are never overwritten, so the offset suffices."""
+        return self.offset
+
+    def restore(self, snapshot: int) -> None:
+        if snapshot > self.offset:
+            raise ValueError(f"cannot restore position {snapshot} in a cache at {self.offset}")
+        self.offset = snapshot
 
     @property
     def nbytes(self) -> int:
@@ -126,11 +145,126 @@ class SlidingWindowCache:
                 f"cannot trim {n} positions from a sliding-window cache holding {self.length}"
             )
         if n:
-            self.keys = self.keys[..., : self.length - n, :]
-            self.values = self.values[..., : self.length, :]
+            keep = self.length - n
+            self.keys = self.keys[..., :keep, :]
+            self.values = self.values[..., :keep, :]
             self.offset -= n
         return n
+
+    def snapshot(self) -> tuple[int, Any, Any]:
+        """The arrays are replaced, never written in place: keeping references is a copy."""
+        return self.offset, self.keys, self.values
+
+    def restore(self, snapshot: tuple[int, Any, Any]) -> None:
+        self.offset, self.keys, self.values = snapshot
 
     @property
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+LayerCache = KVCache | SlidingWindowCache
+
+
+class PromptCache:
+    """A model's layer caches plus the tokens they hold, reused from one call to the next.
+
+    `prepare(prompt)` rewinds the caches to the longest prefix shared with `prompt` that can be
+    restored exactly and returns the tokens still to prefill. It is empty only when a snapshot
+    taken at the end of this very prompt kept its logits: then `logits` holds them. The
+    generation loop reports every token it feeds through `advance`, and calls
+    `mark(logits)` after each prompt prefill.
+    """
+
+    max_snapshots = 8
+
+    def __init__(self, layers: Sequence[LayerCache]):
+        self.layers = list(layers)
+        self.tokens: list[int] = []
+        self._snapshots: list[tuple[int, list[Any], Any]] = []
+        self.logits: mx.array | None = None
+
+    @classmethod
+    def for_model(cls, model, sliding_slack: int = 0) -> "PromptCache":
+        return cls(model.make_cache(sliding_slack))
+
+    @property
+    def offset(self) -> int:
+        return len(self.tokens)
+
+    def advance(self, tokens: Sequence[int]) -> None:
+        """Record tokens that were just run through the layer caches."""
+        self.tokens.extend(int(t) for t in tokens)
+
+    def mark(self, logits: mx.array | None = None) -> None:
+        """Snapshot the current position (with the logits it produced, if given), so a later
+        rewind to it costs nothing."""
+        if self._snapshots and self._snapshots[-1][0] == self.offset:
+            self._snapshots.pop()
+        self._snapshots.append((self.offset, [c.snapshot() for c in self.layers], logits))
+        del self._snapshots[:-self.max_snapshots]
+
+    def checkpoint(self) -> tuple[int, list[Any], None]:
+        """The current state, to `rollback` to (used to undo a speculative decode step)."""
+        return self.offset, [c.snapshot() for c in self.layers], None
+
+    def rollback(self, state: tuple[int, list[Any], Any]) -> None:
+        position, snaps, _ = state
+        for cache, snap in zip(self.layers, snaps):
+            cache.restore(snap)
+        del self.tokens[position:]
+        self._snapshots = [s for s in self._snapshots if s[0] <= position]
+
+    def reset(self) -> None:
+        for cache in self.layers:
+            cache.restore(_EMPTY[type(cache)])
+        self.tokens = []
+        self._snapshots = []
+
+    def common_prefix(self, prompt: Sequence[int]) -> int:
+        n = 0
+        for held, new in zip(self.tokens, prompt):
+            if held != new:
+                break
+            n += 1
+        return n
+
+    def rewind(self, position: int) -> int:
+        """Go back to at most `position` tokens; returns where the caches now stand."""
+        if position >= self.offset:
+            return self.offset
+        back = self.offset - position
+        if all(c.can_trim(back) for c in self.layers):
+            for cache in self.layers:
+                cache.trim(back)
+            del self.tokens[position:]
+            self._snapshots = [s for s in self._snapshots if s[0] <= position]
+            return position
+        usable = [s for s in self._snapshots if s[0] <= position]
+        if not usable:
+            self.reset()
+            return 0
+        self.rollback(usable[-1])
+        return self.offset
+
+    def prepare(self, prompt: Sequence[int]) -> list[int]:
+        """Rewind to what `prompt` shares with the cache; return the tokens left to prefill."""
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        self.logits = None
+        shared = self.common_prefix(prompt)
+        if shared == len(prompt):
+            exact = [s for s in self._snapshots if s[0] == shared and s[2] is not None]
+            if exact:
+                self.rollback(exact[-1])
+                self.logits = exact[-1][2]
+                return []
+        start = self.rewind(min(shared, len(prompt) - 1))
+        return list(prompt[start:])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.layers)
+
+
+_EMPTY: dict[type, Any] = {KVCache: 0, SlidingWindowCache: (0, None, None)}

@@ -26,3 +26,7 @@ class VocabularyError(GptOssError):
 
 class HarmonyError(GptOssError):
     """A conversation or token stream breaks the harmony format."""
+
+
+class SchemaError(GptOssError):
+    """A JSON Schema for constrained output is invalid, or cannot be compiled to a constraint."""

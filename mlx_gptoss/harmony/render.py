@@ -194,7 +194,7 @@ def dropped_analysis(messages: list[Message], config: RenderConversationConfig |
     if config.drop_finished_turns:
         finals = [i for i, m in enumerate(messages)
                   if Role(m.author.role) is Role.ASSISTANT and m.channel == "final"]
-        last_final = finals[-1] if finals else -1
+        last_final = finals[-1] if finals else 0
         return {i for i, m in enumerate(messages[:last_final]) if m.channel == "analysis"}
     last_assistant = next((m for m in reversed(messages) if Role(m.author.role) is Role.ASSISTANT), None)
     if last_assistant is None or last_assistant.channel != "final":

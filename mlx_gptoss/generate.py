@@ -1,0 +1,370 @@
+"""The generation loop: prefill, decode, stop, stream harmony events, measure.
+
+`generate_tokens` is the token loop (prompt ids in, sampled ids out); `stream_generate` wraps it
+with harmony: it renders the prompt, feeds every sampled token to a `StreamParser` and yields
+the parser's events, then one `GenerationResult` with the messages and the statistics.
+`generate` runs the stream to the end and returns that result.
+
+Logits processors (the structured-output hook): each is called at every step as
+`processor(tokens, logits) -> logits`, with the ids generated so far in this call and the
+float32 logits `[vocab]` of the next token, before sampling; they run in order. A processor that
+needs the harmony state (e.g. to constrain only the `final` channel) defines
+`bind(parser: StreamParser)`, called once before the first step; the parser is then always
+up to date with `tokens` when the processor runs (`parser.current_channel`,
+`parser.current_recipient`, `parser.current_content_type`, `parser.state`, `parser.current_text`).
+
+Stopping: on `<|return|>`, `<|call|>` and `<|endoftext|>` (the checkpoints' eos ids) or after
+`max_tokens`. The stop token is yielded but never run through the model, so a `PromptCache`
+holds exactly the prompt and the generated text before it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Sequence, Union
+
+import mlx.core as mx
+
+from .cache import PromptCache
+from .constrained import JsonSchemaConstraint
+from .errors import GptOssError
+from .harmony import (
+    AnswerDone,
+    Conversation,
+    DeveloperContent,
+    Event,
+    HarmonyTokenizer,
+    Message,
+    MessageEnd,
+    MessageStart,
+    ReasoningEffort,
+    Recovery,
+    RenderConversationConfig,
+    ResponseFormat,
+    Role,
+    StreamParser,
+    SystemContent,
+    TextDelta,
+    ToolCall,
+    ToolDescription,
+    render_conversation_for_completion,
+)
+from .model import Model, prefill
+from .sampling import SamplingParams, make_sampler
+
+LogitsProcessor = Callable[[list, mx.array], mx.array]
+Prompt = Union[str, Conversation, Sequence[Message], Sequence[int]]
+DEFAULT_MAX_TOKENS = 4096
+PREFILL_CHUNK = 512
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens reused from the prompt cache, not recomputed
+    prompt_time: float = 0.0
+    generation_tokens: int = 0
+    generation_time: float = 0.0
+    peak_memory: int = 0  # bytes, mx.get_peak_memory() over this call
+
+    @property
+    def prompt_tps(self) -> float:
+        computed = self.prompt_tokens - self.cached_tokens
+        return computed / self.prompt_time if self.prompt_time > 0 else 0.0
+
+    @property
+    def generation_tps(self) -> float:
+        return self.generation_tokens / self.generation_time if self.generation_time > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
+                "prompt_tps": round(self.prompt_tps, 3),
+                "generation_tokens": self.generation_tokens,
+                "generation_tps": round(self.generation_tps, 3),
+                "peak_memory_gb": round(self.peak_memory / 1e9, 3)}
+
+    def summary(self) -> str:
+        return (f"prompt: {self.prompt_tokens} tokens ({self.cached_tokens} cached), "
+                f"{self.prompt_tps:.1f} tok/s | generation: {self.generation_tokens} tokens, "
+                f"{self.generation_tps:.1f} tok/s | peak memory: {self.peak_memory / 1e9:.2f} GB")
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """The last event of `stream_generate`, and what `generate` returns.
+
+    `stop`: "return" (answer done), "call" (a tool must run), "eos", or "length" (max_tokens).
+    """
+
+    tokens: list[int]
+    messages: list[Message]
+    stop: str
+    stats: GenerationStats
+    prompt_tokens: list[int] = field(repr=False, default_factory=list)
+
+    @property
+    def text(self) -> str:
+        """The final answer (the `final` channel), or "" when there is none."""
+        return "".join(m.text() for m in self.messages if m.channel == "final")
+
+    @property
+    def reasoning(self) -> str:
+        return "".join(m.text() for m in self.messages if m.channel == "analysis")
+
+    @property
+    def tool_calls(self) -> list[Message]:
+        return [m for m in self.messages if m.recipient is not None and m.author.role is Role.ASSISTANT]
+
+
+# --------------------------------------------------------------------------- the token loop
+
+
+def generate_tokens(model: Model, prompt: Sequence[int], *, sampler: Callable[[mx.array], mx.array],
+                    max_tokens: int = DEFAULT_MAX_TOKENS, stop_tokens: Iterable[int] = (),
+                    logits_processors: Sequence[LogitsProcessor] = (),
+                    prompt_cache: PromptCache | None = None, stats: GenerationStats | None = None,
+                    prefill_chunk: int = PREFILL_CHUNK) -> Iterator[int]:
+    """Yield sampled token ids, the stop token included, until a stop token or `max_tokens`.
+
+    Without logits processors the next step's graph is queued before the current token is read
+    (`mx.async_eval`), so the device never waits for Python; the one step computed past a stop
+    token is rolled back. An exception (Ctrl-C) or closing the generator leaves `prompt_cache`
+    consistent with its tokens.
+    """
+    if max_tokens < 1:
+        raise GptOssError(f"max_tokens must be at least 1, got {max_tokens}")
+    cache = prompt_cache if prompt_cache is not None else PromptCache.for_model(model)
+    stats = stats if stats is not None else GenerationStats()
+    stop = set(stop_tokens)
+    processors = list(logits_processors)
+    generated: list[int] = []
+
+    def choose(logits: mx.array) -> mx.array:
+        logits = logits[0]
+        if processors:
+            logits = logits.astype(mx.float32)
+            for processor in processors:
+                logits = processor(generated, logits)
+        return sampler(logits)
+
+    def feed(token: mx.array) -> mx.array:
+        return model(token.reshape(1, 1), cache=cache.layers)[:, -1, :]
+
+    todo = cache.prepare(prompt)
+    safe = cache.checkpoint()
+    try:
+        stats.prompt_tokens = len(prompt)
+        stats.cached_tokens = len(prompt) - len(todo)
+        mx.reset_peak_memory()
+        start = time.perf_counter()
+        if todo:
+            logits = prefill(model, mx.array([todo]), cache.layers, chunk_size=prefill_chunk)
+            cache.advance(todo)
+            cache.mark(logits)
+        else:  # the same prompt again: its logits were kept
+            logits = cache.logits
+        safe = cache.checkpoint()
+        y = choose(logits)
+        mx.async_eval(y)
+        prompt_done = time.perf_counter()
+        stats.prompt_time = prompt_done - start
+        pipelined = not processors
+        while True:
+            queued = None
+            if pipelined and len(generated) + 1 < max_tokens:
+                queued = choose(feed(y))
+                mx.async_eval(queued)
+            token = int(y.item())
+            generated.append(token)
+            stats.generation_tokens = len(generated)
+            stats.generation_time = time.perf_counter() - prompt_done
+            stats.peak_memory = mx.get_peak_memory()
+            if token in stop or len(generated) >= max_tokens:
+                cache.rollback(safe)  # drop the step computed past the end
+                yield token
+                return
+            if queued is not None:  # already fed: the cache holds `token`
+                cache.advance([token])
+                safe = cache.checkpoint()
+                y = queued
+                yield token
+            else:  # the consumer (the parser a processor reads) sees `token` first
+                yield token
+                y = choose(feed(y))
+                cache.advance([token])
+                safe = cache.checkpoint()
+    except BaseException:
+        cache.rollback(safe)
+        raise
+
+
+# --------------------------------------------------------------------------- harmony prompts
+
+
+def parse_effort(effort: str | ReasoningEffort | None) -> ReasoningEffort | None:
+    if effort is None or isinstance(effort, ReasoningEffort):
+        return effort
+    for value in ReasoningEffort:
+        if str(effort).lower() == value.value.lower():
+            return value
+    raise GptOssError(f"unknown reasoning effort {effort!r} (expected low, medium or high)")
+
+
+def system_message(*, reasoning_effort: str | ReasoningEffort | None = ReasoningEffort.MEDIUM,
+                   identity: str | None = None, date: str | None = None,
+                   python_tool: bool = False) -> Message:
+    """The harmony system message: identity, effort, optional date and built-in python tool."""
+    content = SystemContent()
+    content.reasoning_effort = parse_effort(reasoning_effort)
+    if identity is not None:
+        content.model_identity = identity
+    if date is not None:
+        content.conversation_start_date = date
+    if python_tool:
+        content.with_python_tool()
+    return Message.from_role_and_content(Role.SYSTEM, content)
+
+
+def developer_message(instructions: str | None = None,
+                      functions: Sequence[ToolDescription] = (),
+                      response_format: ResponseFormat | None = None) -> Message | None:
+    """The developer message (instructions, function tools, response format), or None when it
+    would be empty."""
+    if instructions is None and not functions and response_format is None:
+        return None
+    content = DeveloperContent(instructions=instructions)
+    if functions:
+        content.with_function_tools(list(functions))
+    if response_format is not None:
+        content.with_response_format(response_format)
+    return Message.from_role_and_content(Role.DEVELOPER, content)
+
+
+def prompt_messages(user: str, *, reasoning_effort: str | ReasoningEffort | None = "medium",
+                    system: str | None = None, developer: str | None = None,
+                    functions: Sequence[ToolDescription] = (), python_tool: bool = False,
+                    date: str | None = None,
+                    response_format: ResponseFormat | None = None) -> list[Message]:
+    """system, optional developer, user: a one-turn conversation for `user`."""
+    messages = [system_message(reasoning_effort=reasoning_effort, identity=system, date=date,
+                               python_tool=python_tool)]
+    dev = developer_message(developer, functions, response_format)
+    if dev is not None:
+        messages.append(dev)
+    messages.append(Message.from_role_and_content(Role.USER, user))
+    return messages
+
+
+def render_prompt(prompt: Prompt, tokenizer: HarmonyTokenizer,
+                  config: RenderConversationConfig | None = None, **prompt_options) -> list[int]:
+    """Token ids for `prompt`: a user string (see `prompt_messages`), messages, or ids."""
+    if isinstance(prompt, str):
+        prompt = prompt_messages(prompt, **prompt_options)
+    elif prompt_options:
+        raise GptOssError(f"{', '.join(sorted(prompt_options))} only apply to a text prompt")
+    if isinstance(prompt, Conversation) or (prompt and isinstance(prompt[0], Message)):
+        return render_conversation_for_completion(prompt, Role.ASSISTANT, config, tokenizer)
+    ids = [int(t) for t in prompt]
+    if not ids:
+        raise GptOssError("the prompt is empty")
+    return ids
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+def stream_generate(model: Model, tokenizer: HarmonyTokenizer, prompt: Prompt, *,
+                    max_tokens: int = DEFAULT_MAX_TOKENS, sampling: SamplingParams | None = None,
+                    logits_processors: Sequence[LogitsProcessor] = (),
+                    prompt_cache: PromptCache | None = None,
+                    render_config: RenderConversationConfig | None = None,
+                    response_format: Any = None, constrain_tools: bool = True,
+                    **prompt_options) -> Iterator[Event | GenerationResult]:
+    """Yield harmony events as tokens are sampled, then one `GenerationResult`.
+
+    `prompt`: a user message (str; `prompt_options` such as `reasoning_effort`, `system`,
+    `developer`, `functions`, `python_tool` shape the rest of the conversation), a
+    `Conversation` or list of `Message`s (rendered for the assistant's completion), or token ids
+    ending where the assistant's header starts (after `<|start|>assistant`). When `sampling` is
+    None: the model's generation config if `mlx_gptoss.load` read one, else temperature 1.0,
+    top-p 1.0.
+
+    `response_format` (a JSON Schema dict or a pydantic model class) makes the final answer JSON
+    that validates against it (`mlx_gptoss.constrained`); a text prompt also describes it in the
+    developer message (for messages or ids, add `constrained.response_format_of(schema)` to your
+    developer message). `constrain_tools`: arguments of calls to `functions` validate too.
+    """
+    functions = prompt_options.get("functions", ()) if constrain_tools else ()
+    constraint = None
+    if response_format is not None or functions:  # compiled now: a bad schema fails first
+        constraint = JsonSchemaConstraint.from_schema(tokenizer, response_format, tools=functions)
+        if response_format is not None and isinstance(prompt, str):
+            prompt_options["response_format"] = constraint.response_format
+    ids = render_prompt(prompt, tokenizer, render_config, **prompt_options)
+    if constraint is not None:
+        logits_processors = [*logits_processors, constraint.processor(ids)]
+    if sampling is None:
+        sampling = getattr(model, "sampling_defaults", None) or SamplingParams()
+    parser = StreamParser(tokenizer, Role.ASSISTANT)
+    for processor in logits_processors:
+        if hasattr(processor, "bind"):
+            processor.bind(parser)
+    stats = GenerationStats()
+    tokens: list[int] = []
+    stream = generate_tokens(model, ids, sampler=make_sampler(sampling), max_tokens=max_tokens,
+                             stop_tokens=tokenizer.eos_token_ids,
+                             logits_processors=logits_processors, prompt_cache=prompt_cache,
+                             stats=stats)
+    try:
+        for token in stream:
+            tokens.append(token)
+            yield from parser.feed(token)
+    finally:
+        stream.close()  # on an early exit, leaves the prompt cache consistent now, not at GC
+    last = tokens[-1]
+    if last == tokenizer.return_:
+        stop = "return"
+    elif last == tokenizer.call:
+        stop = "call"
+    elif last == tokenizer.endoftext:
+        stop = "eos"
+    else:
+        stop = "length"
+        yield from parser.finish()
+    yield GenerationResult(tokens, list(parser.messages), stop, stats, ids)
+
+
+def generate(model: Model, tokenizer: HarmonyTokenizer, prompt: Prompt,
+             **options) -> GenerationResult:
+    """Run `stream_generate` to the end; `result.text` is the final answer."""
+    result = None
+    for event in stream_generate(model, tokenizer, prompt, **options):
+        result = event
+    return result
+
+
+def event_to_dict(event: Event | GenerationResult, channel: str | None = None) -> dict[str, Any]:
+    """A JSON-ready dict for one event (`--json` prints one per line).
+
+    `channel` is the channel of the open message, for text deltas (which do not carry it).
+    """
+    if isinstance(event, MessageStart):
+        return {"type": "message_start", "index": event.index, "role": event.author.role.value,
+                "name": event.author.name, "channel": event.channel,
+                "recipient": event.recipient, "content_type": event.content_type}
+    if isinstance(event, TextDelta):
+        return {"type": "text", "index": event.index, "channel": channel, "text": event.text}
+    if isinstance(event, MessageEnd):
+        return {"type": "message_end", "index": event.index, "stop": event.stop,
+                "message": event.message.to_dict()}
+    if isinstance(event, ToolCall):
+        return {"type": "tool_call", "index": event.index, "recipient": event.recipient,
+                "arguments": event.arguments}
+    if isinstance(event, AnswerDone):
+        return {"type": "answer_done", "index": event.index}
+    if isinstance(event, Recovery):
+        return {"type": "recovery", "token_index": event.token_index, "reason": event.reason}
+    if isinstance(event, GenerationResult):
+        return {"type": "done", "stop": event.stop, "text": event.text,
+                "stats": event.stats.to_dict()}
+    raise TypeError(f"not a generation event: {event!r}")
