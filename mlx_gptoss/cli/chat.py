@@ -14,7 +14,9 @@ from typing import Optional
 import typer
 
 from ..errors import GptOssError
-from .generate import EFFORTS, Display, load_chat, model_option, run_turn
+from .generate import (DEVELOPER, DTYPE, EFFORT, EFFORTS, JSON_SCHEMA, MAX_TOKENS, MAX_TOOL_ROUNDS,
+                       MIN_P, PYTHON, SEED, SHOW_REASONING, SYSTEM, TEMPERATURE, TOOLS, TOP_K,
+                       TOP_P, Display, load_chat, model_option, run_turn)
 
 HELP = """commands:
   /effort low|medium|high   reasoning effort
@@ -114,27 +116,21 @@ def repl(chat, display: Display, stdin=None) -> None:
 
 def chat(
     model: str = model_option(),
-    reasoning_effort: str = typer.Option("medium", "--reasoning-effort", "-r",
-                                         help="low, medium or high."),
-    system: Optional[str] = typer.Option(None, "--system",
-                                         help="Model identity line of the system message."),
-    developer: Optional[str] = typer.Option(None, "--developer", help="Developer instructions."),
-    show_reasoning: bool = typer.Option(True, "--show-reasoning/--hide-reasoning",
-                                        help="Stream the analysis channel to stderr."),
-    max_tokens: int = typer.Option(4096, "--max-tokens", help="Tokens per generation."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", "--temp"),
-    top_p: Optional[float] = typer.Option(None, "--top-p"),
-    top_k: Optional[int] = typer.Option(None, "--top-k"),
-    min_p: Optional[float] = typer.Option(None, "--min-p"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    tools: Optional[Path] = typer.Option(None, "--tools",
-                                         help="JSON list of OpenAI-style function tools."),
-    python: bool = typer.Option(False, "--python", help="Enable the sandboxed python tool."),
-    max_tool_rounds: int = typer.Option(8, "--max-tool-rounds", help="Tool calls per turn."),
-    json_schema: Optional[Path] = typer.Option(None, "--json-schema",
-                                               help="JSON Schema file: every answer is JSON "
-                                                    "that validates against it."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype."),
+    reasoning_effort: str = EFFORT,
+    system: Optional[str] = SYSTEM,
+    developer: Optional[str] = DEVELOPER,
+    show_reasoning: bool = SHOW_REASONING,
+    max_tokens: int = MAX_TOKENS,
+    temperature: Optional[float] = TEMPERATURE,
+    top_p: Optional[float] = TOP_P,
+    top_k: Optional[int] = TOP_K,
+    min_p: Optional[float] = MIN_P,
+    seed: Optional[int] = SEED,
+    tools: Optional[Path] = TOOLS,
+    python: bool = PYTHON,
+    max_tool_rounds: int = MAX_TOOL_ROUNDS,
+    json_schema: Optional[Path] = JSON_SCHEMA,
+    dtype: Optional[str] = DTYPE,
     load_file: Optional[Path] = typer.Option(None, "--load", help="Start from a saved chat."),
     verbose: bool = typer.Option(False, "--verbose", "-v",
                                  help="Print each prompt and the stats to stderr."),

@@ -51,6 +51,30 @@ def load_chat(model: str, dtype: Optional[str], *, effort: str, system: Optional
                 response_format=response_format)
 
 
+# --------------------------------------------------------------------------- shared options
+# `generate` and `chat` take the same session options; each is defined once here.
+EFFORT = typer.Option("medium", "--reasoning-effort", "-r", help="low, medium or high.")
+SYSTEM = typer.Option(None, "--system", help="Model identity line of the system message.")
+DEVELOPER = typer.Option(None, "--developer", help="Developer instructions.")
+SHOW_REASONING = typer.Option(True, "--show-reasoning/--hide-reasoning",
+                              help="Stream the analysis channel to stderr.")
+MAX_TOKENS = typer.Option(4096, "--max-tokens", help="Tokens per generation.")
+TEMPERATURE = typer.Option(None, "--temperature", "--temp",
+                           help="Default: generation_config, else 1.0.")
+TOP_P = typer.Option(None, "--top-p", help="Default 1.0 (off).")
+TOP_K = typer.Option(None, "--top-k", help="Default 0 (off).")
+MIN_P = typer.Option(None, "--min-p", help="Default 0.0 (off).")
+SEED = typer.Option(None, "--seed", help="Make sampling reproducible.")
+TOOLS = typer.Option(None, "--tools", help="JSON list of OpenAI-style function tools.")
+PYTHON = typer.Option(False, "--python", help="Enable the sandboxed python tool.")
+MAX_TOOL_ROUNDS = typer.Option(8, "--max-tool-rounds", help="Tool calls per turn.")
+JSON_SCHEMA = typer.Option(None, "--json-schema",
+                           help="JSON Schema file: every answer is JSON that validates against it.")
+DTYPE = typer.Option(None, "--dtype",
+                     help="Compute dtype (bfloat16, float32...). Default: float32 on the CPU "
+                          "backend, bfloat16 on a GPU.")
+
+
 # --------------------------------------------------------------------------- display
 
 
@@ -191,30 +215,21 @@ def generate(
     model: str = model_option(),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p",
                                          help="The user message (default: read stdin)."),
-    reasoning_effort: str = typer.Option("medium", "--reasoning-effort", "-r",
-                                         help="low, medium or high."),
-    system: Optional[str] = typer.Option(None, "--system",
-                                         help="Model identity line of the system message."),
-    developer: Optional[str] = typer.Option(None, "--developer",
-                                            help="Developer instructions."),
-    show_reasoning: bool = typer.Option(True, "--show-reasoning/--hide-reasoning",
-                                        help="Stream the analysis channel to stderr."),
-    max_tokens: int = typer.Option(4096, "--max-tokens", help="Tokens per generation."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", "--temp",
-                                                help="Default: generation_config, else 1.0."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="Default 1.0 (off)."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Default 0 (off)."),
-    min_p: Optional[float] = typer.Option(None, "--min-p", help="Default 0.0 (off)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Make sampling reproducible."),
-    tools: Optional[Path] = typer.Option(None, "--tools",
-                                         help="JSON list of OpenAI-style function tools."),
-    python: bool = typer.Option(False, "--python", help="Enable the sandboxed python tool."),
-    max_tool_rounds: int = typer.Option(8, "--max-tool-rounds", help="Tool calls per turn."),
-    json_schema: Optional[Path] = typer.Option(None, "--json-schema",
-                                               help="JSON Schema file: the answer is JSON "
-                                                    "that validates against it."),
-    dtype: Optional[str] = typer.Option(None, "--dtype",
-                                        help="Compute dtype: bfloat16 (default), float32..."),
+    reasoning_effort: str = EFFORT,
+    system: Optional[str] = SYSTEM,
+    developer: Optional[str] = DEVELOPER,
+    show_reasoning: bool = SHOW_REASONING,
+    max_tokens: int = MAX_TOKENS,
+    temperature: Optional[float] = TEMPERATURE,
+    top_p: Optional[float] = TOP_P,
+    top_k: Optional[int] = TOP_K,
+    min_p: Optional[float] = MIN_P,
+    seed: Optional[int] = SEED,
+    tools: Optional[Path] = TOOLS,
+    python: bool = PYTHON,
+    max_tool_rounds: int = MAX_TOOL_ROUNDS,
+    json_schema: Optional[Path] = JSON_SCHEMA,
+    dtype: Optional[str] = DTYPE,
     as_json: bool = typer.Option(False, "--json", help="One JSON event per line on stdout."),
     verbose: bool = typer.Option(False, "--verbose", "-v",
                                  help="Print the rendered prompt and the stats to stderr."),
