@@ -340,6 +340,10 @@ def convert(hf_path: str | Path, mlx_path: str | Path, *,
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.converting-", dir=dst.parent))
+        # mkdtemp makes the directory private; the model directory gets the usual mode.
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
     except OSError as e:
         raise _os_error(dst, e) from None
     try:

@@ -49,13 +49,12 @@ from .harmony import (
     ToolDescription,
     render_conversation_for_completion,
 )
-from .model import Model, prefill
+from .model import PREFILL_CHUNK, Model, prefill
 from .sampling import SamplingParams, make_sampler
 
 LogitsProcessor = Callable[[list, mx.array], mx.array]
 Prompt = Union[str, Conversation, Sequence[Message], Sequence[int]]
 DEFAULT_MAX_TOKENS = 4096
-PREFILL_CHUNK = 512
 
 
 @dataclass

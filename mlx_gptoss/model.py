@@ -12,6 +12,7 @@ regrouped (see `formats.hf`).
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -80,23 +81,57 @@ class Attention(nn.Module):
         # every score by its square: fold that into the softmax scale instead.
         self.scale = attention_factor**2 / math.sqrt(cfg.head_dim)
 
-    def _rope(self, x: mx.array, offset: int) -> mx.array:
+    def _rope(self, x: mx.array, offset: int | mx.array) -> mx.array:
         return mx.fast.rope(x, self.head_dim, traditional=False, base=None, scale=1.0,
                             offset=offset, freqs=self._rope_periods)
 
-    def __call__(self, x: mx.array, mask, cache) -> mx.array:
+    def project(self, x: mx.array, offset: int | mx.array
+                ) -> tuple[mx.array, mx.array, mx.array]:
+        """Queries, keys, values `[B, heads, T, head_dim]`, rotated for positions `offset...`."""
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.n_heads, -1).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(b, t, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(b, t, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        return self._rope(q, offset), self._rope(k, offset), v
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, mask, cache) -> mx.array:
+        """Append k/v to the cache, then each query's weighted values `[B, heads, T, d]`."""
         offset = cache.offset if cache is not None else 0
-        q, k = self._rope(q, offset), self._rope(k, offset)
+        history = cache.length if cache is not None else 0
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        out = mx.fast.scaled_dot_product_attention(
-            q, k, v, scale=self.scale, mask=mask, sinks=self.sinks.astype(q.dtype)
-        )
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, t, -1))
+        sinks = self.sinks.astype(q.dtype)
+        if self.window is not None and q.shape[2] > self.window:
+            return self._windowed(q, k, v, offset, history, sinks)
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask,
+                                                    sinks=sinks)
+
+    def output(self, attended: mx.array) -> mx.array:
+        b, _, t, _ = attended.shape
+        return self.o_proj(attended.transpose(0, 2, 1, 3).reshape(b, t, -1))
+
+    def __call__(self, x: mx.array, mask, cache) -> mx.array:
+        offset = cache.offset if cache is not None else 0
+        return self.output(self.attend(*self.project(x, offset), mask, cache))
+
+    def _windowed(self, q: mx.array, k: mx.array, v: mx.array, offset: int, history: int,
+                  sinks: mx.array) -> mx.array:
+        """Sliding attention over many queries, in blocks of `window` queries.
+
+        One masked call would score every query of the chunk against every key, most of them
+        outside the window; a block scores only the `2 * window - 1` keys it can reach.
+        """
+        t, outs = q.shape[2], []
+        for start in range(0, t, self.window):
+            stop = min(start + self.window, t)
+            first_key = max(0, history + start - (self.window - 1))
+            mask = attention_mask(stop - start, offset + start, history + start - first_key,
+                                  self.window)
+            keys = slice(first_key, history + stop)
+            outs.append(mx.fast.scaled_dot_product_attention(
+                q[:, :, start:stop], k[:, :, keys], v[:, :, keys], scale=self.scale,
+                mask=mask, sinks=sinks))
+        return mx.concatenate(outs, axis=2)
 
 
 class MXFP4SwitchLinear(nn.Module):
@@ -113,6 +148,14 @@ class MXFP4SwitchLinear(nn.Module):
                           group_size=GROUP_SIZE, bits=BITS, mode=MODE,
                           sorted_indices=sorted_experts)
         return y + mx.expand_dims(self.bias[experts], -2)
+
+
+@partial(mx.compile, shapeless=True)
+def clamped_swiglu(gate: mx.array, up: mx.array, limit: float, alpha: float) -> mx.array:
+    """gpt-oss's SwiGLU: gate clamped above, up clamped both ways; compiled into one kernel."""
+    gate = mx.minimum(gate, limit)
+    up = mx.clip(up, -limit, limit)
+    return (up + 1) * (gate * mx.sigmoid(alpha * gate))
 
 
 class Experts(nn.Module):
@@ -142,10 +185,8 @@ class Experts(nn.Module):
             rows = mx.expand_dims(x, (-2, -3))  # [N, 1, 1, H], broadcast over k
             experts_used = experts
         h = self.gate_up(rows, experts_used, sort)
-        gate, up = h[..., : self.intermediate], h[..., self.intermediate:]
-        gate = mx.minimum(gate, self.limit)
-        up = mx.clip(up, -self.limit, self.limit)
-        h = (up + 1) * (gate * mx.sigmoid(self.alpha * gate))
+        h = clamped_swiglu(h[..., : self.intermediate], h[..., self.intermediate:],
+                           self.limit, self.alpha)
         y = self.down(h, experts_used, sort).squeeze(-2)
         if sort:
             y = y[unsort].reshape(n, k, -1)
@@ -179,9 +220,27 @@ class TransformerBlock(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def __call__(self, x: mx.array, mask, cache) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        # One-token steps replay traced graphs for everything around the cache update: far
+        # less Python per token, and fused kernels.
+        self._compiled_inputs = mx.compile(self._attention_inputs, inputs=self)
+        self._compiled_outputs = mx.compile(self._outputs, inputs=self)
+
+    def _attention_inputs(self, x: mx.array, offset: int | mx.array):
+        return self.self_attn.project(self.input_layernorm(x), offset)
+
+    def _outputs(self, x: mx.array, attended: mx.array) -> mx.array:
+        h = x + self.self_attn.output(attended)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+    def __call__(self, x: mx.array, mask, cache, last_only: bool = False) -> mx.array:
+        offset = cache.offset if cache is not None else 0
+        if x.shape[1] == 1:
+            q, k, v = self._compiled_inputs(x, mx.array(offset))
+            return self._compiled_outputs(x, self.self_attn.attend(q, k, v, mask, cache))
+        attended = self.self_attn.attend(*self._attention_inputs(x, offset), mask, cache)
+        if last_only:  # nothing after this block needs the other positions
+            x, attended = x[:, -1:, :], attended[:, :, -1:, :]
+        return self._outputs(x, attended)
 
 
 class GptOssModel(nn.Module):
@@ -230,34 +289,48 @@ class Model(nn.Module):
         return [SlidingWindowCache(self.config.sliding_window, sliding_slack) if layer.sliding
                 else KVCache() for layer in self.layers]
 
-    def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
+    def __call__(self, inputs: mx.array, cache: list | None = None,
+                 last_only: bool = False) -> mx.array:
+        """`last_only` computes the last block's MLP and the head for the last position only."""
         x = self.model.embed_tokens(inputs)
         t = inputs.shape[1]
         caches = cache if cache is not None else [None] * len(self.layers)
         masks: dict[bool, object] = {}
-        for layer, layer_cache in zip(self.layers, caches):
+        last = len(self.layers) - 1
+        for i, (layer, layer_cache) in enumerate(zip(self.layers, caches)):
             if layer.sliding not in masks:
                 offset = layer_cache.offset if layer_cache is not None else 0
                 history = layer_cache.length if layer_cache is not None else 0
                 window = self.config.sliding_window if layer.sliding else None
                 masks[layer.sliding] = attention_mask(t, offset, history, window)
-            x = layer(x, masks[layer.sliding], layer_cache)
+            x = layer(x, masks[layer.sliding], layer_cache, last_only and i == last)
         x = self.model.norm(x)
         if self.config.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(x)
         return self.lm_head(x)
 
 
-def prefill(model: Model, tokens: mx.array, cache: list, chunk_size: int = 512) -> mx.array:
+# Prompt tokens per prefill step: large enough that each expert sees many rows per pass over
+# its weights, small enough to bound the full layers' attention scores (benchmarks/README.md).
+PREFILL_CHUNK = 2048
+
+
+def prefill(model: Model, tokens: mx.array, cache: list,
+            chunk_size: int = PREFILL_CHUNK) -> mx.array:
     """Run `tokens [B, T]` through the cache in chunks; returns the last position's logits.
 
-    Chunking bounds the attention scores of full layers to `chunk x context` and keeps the
-    sliding layers' keys to `window - 1 + chunk`.
+    Chunking bounds the attention scores of full layers to `chunk x context`; sliding layers
+    attend in window-sized blocks whatever the chunk. Only the caches of the earlier chunks are
+    evaluated, so the lazy graph never runs the head (or the last block's MLP) on them; the
+    last chunk runs those for its last position only.
     """
-    logits = None
-    for start in range(0, tokens.shape[1], chunk_size):
-        logits = model(tokens[:, start:start + chunk_size], cache=cache)[:, -1, :]
-        mx.eval(logits, [c.state for c in cache])
-    if logits is None:
+    total = tokens.shape[1]
+    if total == 0:
         raise ValueError("prefill needs at least one token")
+    for start in range(0, total - chunk_size, chunk_size):
+        model(tokens[:, start:start + chunk_size], cache=cache)
+        mx.eval([c.state for c in cache])
+    start = (total - 1) // chunk_size * chunk_size
+    logits = model(tokens[:, start:], cache=cache, last_only=True)[:, -1, :]
+    mx.eval(logits, [c.state for c in cache])
     return logits

@@ -270,3 +270,18 @@ def test_bytes_per_token_matches_the_20b_figures():
     sizes = {name: int(np.prod(shape)) * (1 if "U8" in dtypes else 2)
              for name, (shape, dtypes) in hf.expected_tensors(cfg).items()}
     assert abs(bytes_per_token(cfg, sizes) - 3.71e9) < 0.01e9
+
+
+def test_output_directory_has_the_usual_permissions(tiny_checkpoint, tmp_path):
+    """The temporary directory is private while writing; the result is not."""
+    import os
+    import stat
+
+    from mlx_gptoss.converter import convert
+
+    umask = os.umask(0o022)
+    try:
+        convert(tiny_checkpoint, tmp_path / "out", progress=False)
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755

@@ -101,7 +101,7 @@ def test_sliding_cache_memory_is_bounded(tiny_checkpoint):
 
 
 def test_bf16_default_is_close_to_float32(tiny_checkpoint):
-    model, _ = load_model(tiny_checkpoint)
+    model, _ = load_model(tiny_checkpoint, "bfloat16")
     assert model.model.embed_tokens.weight.dtype == mx.bfloat16
     assert model.layers[0].mlp.experts.gate_up.weight.dtype == mx.uint32
     tokens = np.arange(16)[None]

@@ -29,7 +29,9 @@ def _register() -> None:
     app.add_typer(harmony.app, name="harmony")
     # Top-level commands: each module defines `register(app: typer.Typer) -> None`.
     # (convert/verify, generate, chat and bench add themselves to this list.)
-    for module in ():
+    from . import bench, chat, convert, demo, generate
+
+    for module in (demo, convert, generate, chat, bench):
         module.register(app)
 
 
