@@ -27,7 +27,7 @@ import numpy as np
 from .config import ModelConfig, QuantizationConfig, load_config
 from .errors import CheckpointError, GptOssError
 from .formats import CONVERTED_MARKER, FORMATS, canonical_tensors
-from .loading import _QUANTIZABLE
+from .loading import QUANTIZABLE_MODULES
 from .safetensors_io import DTYPE_NAMES, DTYPES, INDEX_NAME, SafetensorsWriter, to_bytes
 
 FORMAT_VERSION = 1
@@ -114,7 +114,7 @@ def _quantized_module(name: str, q: QuantizationConfig | None) -> str | None:
     if q is None or not name.endswith(".weight"):
         return None
     module = name[: -len(".weight")]
-    return module if any(_QUANTIZABLE[m](module) for m in q.modules) else None
+    return module if any(QUANTIZABLE_MODULES[m](module) for m in q.modules) else None
 
 
 def _quantized_layout(shape: tuple[int, ...], dtype: mx.Dtype, q: QuantizationConfig

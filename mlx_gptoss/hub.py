@@ -18,7 +18,7 @@ import mlx.core as mx
 
 from .errors import GptOssError
 from .formats import CONVERTED_MARKER
-from .harmony.tokenizer import _offline, user_cache_dir
+from .harmony.tokenizer import is_offline, user_cache_dir
 from .loading import load as load_dir
 from .model import Model
 from .sampling import SamplingParams
@@ -68,7 +68,7 @@ def _download(repo_id: str, progress: bool) -> Path:
     except ImportError:
         raise GptOssError(f"{repo_id}: fetching models by name needs huggingface_hub "
                           "(pip install huggingface_hub), or pass a local directory") from None
-    offline = _offline()
+    offline = is_offline()
     (enable_progress_bars if progress else disable_progress_bars)()
     try:
         folder = snapshot_download(repo_id, allow_patterns=ALLOW_PATTERNS,

@@ -18,7 +18,8 @@ from .errors import CheckpointError, GptOssError
 from .formats import canonical_tensors
 from .model import Model
 
-_QUANTIZABLE = {
+# The module groups `QuantizationConfig.modules` may name, by parameter path.
+QUANTIZABLE_MODULES = {
     "attention": lambda path: ".self_attn." in path,
     "embeddings": lambda path: path.endswith("embed_tokens"),
     "lm_head": lambda path: path == "lm_head",
@@ -49,7 +50,7 @@ def build_model(cfg: ModelConfig) -> Model:
     model = Model(cfg)
     q = cfg.quantization
     if q is not None:
-        wanted = [_QUANTIZABLE[m] for m in q.modules]
+        wanted = [QUANTIZABLE_MODULES[m] for m in q.modules]
         nn.quantize(
             model, group_size=q.group_size, bits=q.bits, mode=q.mode,
             class_predicate=lambda path, module: isinstance(module, (nn.Linear, nn.Embedding))

@@ -19,7 +19,7 @@ from mlx_gptoss.config import ModelConfig
 from mlx_gptoss.converter import bytes_per_token, convert, quantization_config
 from mlx_gptoss.formats import hf
 from mlx_gptoss.harmony.tokenizer import VOCAB_FILENAME, VOCAB_SHA256
-from mlx_gptoss.loading import _QUANTIZABLE, load_model
+from mlx_gptoss.loading import QUANTIZABLE_MODULES, load_model
 from mlx_gptoss.mxfp4 import E2M1_VALUES, dequantize_reference, quantize_blocks
 from mlx_gptoss.safetensors_io import INDEX_NAME
 from mlx_gptoss.synthetic import REAL_WIDTHS, hf_config
@@ -249,7 +249,7 @@ def test_quantized_variants(hub, tmp_path, name):
     ref, _ = load_model(hub, "bfloat16")  # the converter quantizes the stored bf16 values
     nn.quantize(ref, group_size=group, bits=bits, mode=mode,
                 class_predicate=lambda path, m: isinstance(m, (nn.Linear, nn.Embedding))
-                and any(_QUANTIZABLE[k](path) for k in q.modules))
+                and any(QUANTIZABLE_MODULES[k](path) for k in q.modules))
     ours, want = dict(tree_flatten(model.parameters())), dict(tree_flatten(ref.parameters()))
     assert ours.keys() == want.keys()
     for k in ours:

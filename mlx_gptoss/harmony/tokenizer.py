@@ -130,7 +130,8 @@ def user_cache_dir() -> Path:
     return Path(base) / "mlx-gptoss"
 
 
-def _offline() -> bool:
+def is_offline() -> bool:
+    """Whether the user asked for no network (any of the usual offline variables)."""
     return any(os.environ.get(v, "") not in ("", "0") for v in
                ("MLX_GPTOSS_OFFLINE", "HF_HUB_OFFLINE", "TIKTOKEN_OFFLINE"))
 
@@ -199,7 +200,7 @@ def find_vocabulary(model_dir: str | os.PathLike | None = None,
     cached = tiktoken_cache_path()
     if cached is not None and cached.is_file():
         return _check(cached, "tiktoken cache")
-    if cached is not None and not _offline():
+    if cached is not None and not is_offline():
         downloaded = _download(cached)
         if downloaded is not None:
             return _check(downloaded, "download")
