@@ -132,6 +132,10 @@ def generate_tokens(model: Model, prompt: Sequence[int], *, sampler: Callable[[m
     """
     if max_tokens < 1:
         raise GptOssError(f"max_tokens must be at least 1, got {max_tokens}")
+    vocab = model.config.vocab_size
+    bad = next((t for t in prompt if not 0 <= t < vocab), None)
+    if bad is not None:  # an out-of-range id would index past the embedding table
+        raise GptOssError(f"prompt token id {bad} is outside the model's vocabulary (0..{vocab - 1})")
     cache = prompt_cache if prompt_cache is not None else PromptCache.for_model(model)
     stats = stats if stats is not None else GenerationStats()
     stop = set(stop_tokens)
@@ -261,9 +265,12 @@ def render_prompt(prompt: Prompt, tokenizer: HarmonyTokenizer,
         prompt = prompt_messages(prompt, **prompt_options)
     elif prompt_options:
         raise GptOssError(f"{', '.join(sorted(prompt_options))} only apply to a text prompt")
-    if isinstance(prompt, Conversation) or (prompt and isinstance(prompt[0], Message)):
+    if hasattr(prompt, "tolist"):  # numpy or MLX arrays of ids
+        prompt = prompt.tolist()
+    if isinstance(prompt, Conversation) or (
+            isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], Message)):
         return render_conversation_for_completion(prompt, Role.ASSISTANT, config, tokenizer)
-    ids = [int(t) for t in prompt]
+    ids = tokenizer.check_ids(prompt)
     if not ids:
         raise GptOssError("the prompt is empty")
     return ids

@@ -37,6 +37,10 @@ class TensorInfo:
         return int(np.prod(self.shape, dtype=np.int64)) * DTYPES[self.dtype].size
 
 
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """The tensors a file declares, after checking that every byte they claim is there."""
     try:
@@ -53,6 +57,8 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise CheckpointError(f"{path}: corrupt safetensors header") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     data_size = size - 8 - n
     out: dict[str, TensorInfo] = {}
     for name, entry in header.items():
@@ -60,9 +66,11 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             continue
         try:
             dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            if not all(_is_count(v) for v in (*shape, start, end)) or start > end:
+                raise ValueError
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: malformed header entry for {name}") from None
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype}")
         info = TensorInfo(name, dtype, shape, path)
         if end - start != info.nbytes:

@@ -191,3 +191,20 @@ def test_seeded_sampling_is_reproducible(chat_model):
     b = generate(model, tok, ids(10, 7), max_tokens=12, sampling=SamplingParams(seed=11))
     c = generate(model, tok, ids(10, 7), max_tokens=12, sampling=SamplingParams(seed=12))
     assert a.tokens == b.tokens != c.tokens
+
+
+def test_prompt_ids_are_validated_before_the_model_runs(chat_model):
+    """Out-of-range ids would index past the embedding table (a crash, not an error)."""
+    from mlx_gptoss.errors import GptOssError
+
+    model, tokenizer = chat_model
+    with pytest.raises(GptOssError, match="outside the vocabulary"):
+        generate(model, tokenizer, [200006, 1, 10**9], max_tokens=2)
+    with pytest.raises(GptOssError, match="outside the model's vocabulary"):
+        list(generate_tokens(model, [1, model.config.vocab_size], max_tokens=1,
+                             sampler=make_sampler(SamplingParams(temperature=0.0))))
+    # Arrays of ids are accepted like lists.
+    ids = [200006, 1516, 200008, 12194, 200007, 200006, 173781]
+    greedy = SamplingParams(temperature=0.0)
+    assert (generate(model, tokenizer, np.array(ids), max_tokens=3, sampling=greedy).tokens
+            == generate(model, tokenizer, ids, max_tokens=3, sampling=greedy).tokens)

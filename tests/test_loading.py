@@ -246,3 +246,19 @@ def test_weights_are_not_copied_twice(checkpoint_factory):
     model, _ = load_model(path)
     params = parameter_bytes(model)
     assert mx.get_peak_memory() - before < 1.5 * params
+
+
+@pytest.mark.parametrize("header", [
+    [1, 2],
+    {"t": {"dtype": "U8", "shape": [8], "data_offsets": [0, "8"]}},
+    {"t": {"dtype": "U8", "shape": ["x"], "data_offsets": [0, 8]}},
+    {"t": {"dtype": "U8", "shape": [-8], "data_offsets": [0, 8]}},
+    {"t": {"dtype": ["U8"], "shape": [8], "data_offsets": [0, 8]}},
+    {"t": "not an entry"},
+])
+def test_malformed_headers_are_one_clear_error(tmp_path, header):
+    bad = tmp_path / "x.safetensors"
+    raw = json.dumps(header).encode()
+    bad.write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(8))
+    with pytest.raises(CheckpointError, match="corrupt safetensors header|malformed header entry|unsupported dtype"):
+        read_header(bad)

@@ -276,7 +276,7 @@ class HarmonyTokenizer:
     def is_special(self, token_id: int) -> bool:
         return FIRST_SPECIAL_ID <= token_id < VOCAB_SIZE
 
-    def _check_ids(self, ids) -> list[int]:
+    def check_ids(self, ids) -> list[int]:
         out = []
         for i in ids:
             try:
@@ -290,7 +290,7 @@ class HarmonyTokenizer:
 
     def decode_bytes(self, ids) -> bytes:
         """Raw bytes of the ids (control tokens decode to their text, like `<|start|>`)."""
-        return self.encoding.decode_bytes(self._check_ids(ids))
+        return self.encoding.decode_bytes(self.check_ids(ids))
 
     def decode(self, ids) -> str:
         """Text of the ids; bytes that are not valid UTF-8 become U+FFFD."""
