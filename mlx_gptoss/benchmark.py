@@ -104,7 +104,9 @@ class Runner:
 
     @property
     def parameter_bytes(self) -> int:
-        return sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
+        from .loading import parameter_bytes
+
+        return parameter_bytes(self.model)
 
 
 class Ours(Runner):

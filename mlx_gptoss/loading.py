@@ -100,5 +100,6 @@ def load_tokenizer_for(path: Path) -> Any:
     return load_tokenizer(model_dir=path)
 
 
-def parameter_bytes(model: Model) -> int:
+def parameter_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter (any MLX module: ours or mlx-lm's)."""
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))

@@ -47,9 +47,7 @@ def demo(
         result = generate(model, tokenizer, prompt, max_tokens=max_tokens,
                           sampling=model.sampling_defaults.with_overrides(seed=seed))
         for message in result.messages:
-            channel = message.channel or "?"
-            text = "".join(part.text for part in message.content if hasattr(part, "text"))
-            print(f"[{channel}] {text}")
+            print(f"[{message.channel or '?'}] {message.text()}")
         print(f"--- {result.stats.summary()}", file=sys.stderr)
     finally:
         if directory is None:
