@@ -280,6 +280,9 @@ class Model(nn.Module):
         self.model = GptOssModel(cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # Set by the loader when the vocabulary matrices are stored in another dtype than the
+        # rest (see `loading.load_model`): activations are cast to it after the embedding.
+        self.activation_dtype: mx.Dtype | None = None
 
     @property
     def layers(self) -> list[TransformerBlock]:
@@ -293,6 +296,8 @@ class Model(nn.Module):
                  last_only: bool = False) -> mx.array:
         """`last_only` computes the last block's MLP and the head for the last position only."""
         x = self.model.embed_tokens(inputs)
+        if self.activation_dtype is not None:
+            x = x.astype(self.activation_dtype)
         t = inputs.shape[1]
         caches = cache if cache is not None else [None] * len(self.layers)
         masks: dict[bool, object] = {}
@@ -305,9 +310,12 @@ class Model(nn.Module):
                 masks[layer.sliding] = attention_mask(t, offset, history, window)
             x = layer(x, masks[layer.sliding], layer_cache, last_only and i == last)
         x = self.model.norm(x)
-        if self.config.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(x)
-        return self.lm_head(x)
+        head = self.model.embed_tokens if self.config.tie_word_embeddings else self.lm_head
+        project = head.as_linear if self.config.tie_word_embeddings else head
+        if type(head) in (nn.Linear, nn.Embedding) and head.weight.dtype != x.dtype:
+            # A dense head kept in its own dtype: multiply in it, return activation-dtype logits.
+            return project(x.astype(head.weight.dtype)).astype(x.dtype)
+        return project(x)
 
 
 # Prompt tokens per prefill step: large enough that each expert sees many rows per pass over

@@ -9,6 +9,8 @@ tool calls the context already holds: a tool-call loop runs with no weights at a
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import mlx.core as mx
 
 from mlx_gptoss.harmony import load_tokenizer
@@ -84,6 +86,7 @@ class ScriptedModel:
         self.stops = {tok.call, tok.return_}
         self.assistant_start = [tok.start] + tok.encode("assistant")
         self.prefills: list[list[int]] = []
+        self.config = SimpleNamespace(vocab_size=tok.vocab_size)
 
     def make_cache(self, sliding_slack: int = 0):
         return [TokenCache()]

@@ -166,3 +166,59 @@ def test_python_timeout_restarts_the_session(python):
     assert "timed out after 1 s" in python.run("while True: pass")
     python.timeout = 5
     assert "NameError" in python.run("kept")
+
+
+def test_python_interrupt_restarts_the_session(python):
+    """Ctrl-C does not reach the worker (its own session): `run` must kill it, or its late
+    reply would answer the next call."""
+    import signal
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    python.run("kept = 1")
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        with pytest.raises(KeyboardInterrupt):
+            python.run('import time; time.sleep(1.5); print("old")')
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert python.run('print("new")') == "new\n"
+    assert "NameError" in python.run("kept")
+
+
+def test_python_code_may_change_directory(python):
+    python.run("kept = 1")
+    assert python.run('import os; os.chdir("/"); print("hi")') == "hi\n"
+    assert python.run("kept, os.getcwd()") == "(1, '/')\n"
+    assert python.run("os.chdir('/nonexistent')").endswith("FileNotFoundError: "
+                                                          "[Errno 2] No such file or directory: "
+                                                          "'/nonexistent'\n")
+
+
+def test_python_huge_output_is_cut_in_the_worker(python):
+    """100 MB of output: cut to `max_output` in the worker, well inside the timeout."""
+    out = python.run("print('x' * 10**8)")
+    assert out == "x" * 200 + "\n... [output truncated: 99999801 more characters]\n"
+    out = python.run("print('é' * 10**6)")  # 2 MB: characters counted across read chunks
+    assert out == "é" * 200 + "\n... [output truncated: 999801 more characters]\n"
+
+
+def test_python_file_size_limit_is_a_readable_error():
+    python = PythonTool(timeout=5, memory_limit=1 << 30, file_limit=1 << 20, max_output=200)
+    try:
+        python.run("kept = 1")
+        cut = "\n... [output truncated: 1048376 more characters]\n"
+        too_large = "OSError: [Errno 27] File too large\n"
+        out = python.run("for i in range(10**5): print('x' * 99)")
+        assert out.startswith("x" * 99 + "\n") and cut in out and out.endswith(too_large)
+        assert python.run("print('ok', kept)") == "ok 1\n"  # state kept, nothing stale
+        assert python.run("open('big', 'wb').write(b'x' * (2 << 20))").endswith(too_large)
+        out = python.run("import subprocess\n"
+                         "subprocess.run(['sh', '-c', 'yes | head -c 3000000']).returncode")
+        assert out.startswith("y\ny\n") and cut in out  # child processes are limited too
+        assert python.run("print('ok', kept)") == "ok 1\n"
+    finally:
+        python.close()

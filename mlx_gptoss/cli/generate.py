@@ -66,7 +66,9 @@ TOP_K = typer.Option(None, "--top-k", help="Default 0 (off).")
 MIN_P = typer.Option(None, "--min-p", help="Default 0.0 (off).")
 SEED = typer.Option(None, "--seed", help="Make sampling reproducible.")
 TOOLS = typer.Option(None, "--tools", help="JSON list of OpenAI-style function tools.")
-PYTHON = typer.Option(False, "--python", help="Enable the sandboxed python tool.")
+PYTHON = typer.Option(False, "--python", help=(
+    "Let the model run Python in a separate, resource-limited process "
+    "(not a security sandbox: its code can read and write your files)."))
 MAX_TOOL_ROUNDS = typer.Option(8, "--max-tool-rounds", help="Tool calls per turn.")
 JSON_SCHEMA = typer.Option(None, "--json-schema",
                            help="JSON Schema file: every answer is JSON that validates against it.")

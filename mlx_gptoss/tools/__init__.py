@@ -1,1 +1,2 @@
-"""Tools the model can call: function tools (`functions`) and the python sandbox (`python`)."""
+"""Tools the model can call: function tools (`functions`) and the opt-in python tool (`python`:
+its own resource-limited process, not a security sandbox)."""

@@ -147,9 +147,10 @@ def function_tool(function: Callable[..., Any], name: str | None = None) -> Func
             schema = {**schema, "description": param_docs[param.name]}
         if param.default is inspect.Parameter.empty:
             required.append(param.name)
-        elif param.default is not None and _json_value(param.default):
-            schema["default"] = param.default.value if isinstance(param.default, enum.Enum) \
-                else param.default
+        elif param.default is not None:
+            default = _json_value(param.default)
+            if default is not _NO_JSON:
+                schema["default"] = default
         properties[param.name] = schema
     parameters: dict[str, Any] = {"type": "object", "properties": properties}
     if required:
@@ -157,14 +158,21 @@ def function_tool(function: Callable[..., Any], name: str | None = None) -> Func
     return FunctionTool(name, description, parameters, function)
 
 
-def _json_value(value: Any) -> bool:
-    if isinstance(value, enum.Enum):
-        value = value.value
+_NO_JSON = object()
+
+
+def _json_value(value: Any) -> Any:
+    """`value` as plain JSON (a tuple becomes a list), or `_NO_JSON` when it has none."""
     try:
-        json.dumps(value)
-        return True
-    except TypeError:
-        return False
+        return json.loads(json.dumps(value, default=_enum_value, allow_nan=False))
+    except (TypeError, ValueError):  # ValueError: NaN, infinity or a circular structure
+        return _NO_JSON
+
+
+def _enum_value(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    raise TypeError(f"not JSON: {type(value).__name__}")
 
 
 # --------------------------------------------------------------------------- tools files
