@@ -262,3 +262,22 @@ def test_malformed_headers_are_one_clear_error(tmp_path, header):
     bad.write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(8))
     with pytest.raises(CheckpointError, match="corrupt safetensors header|malformed header entry|unsupported dtype"):
         read_header(bad)
+
+
+def test_default_dtype_policy_per_device(tiny_checkpoint):
+    """dtype=None: on the CPU backend float32 activations with the two vocabulary matrices
+    kept in the checkpoint's bf16 (benchmarks/README.md); on a GPU bf16 throughout."""
+    model, _ = load_model(tiny_checkpoint)
+    attention = model.layers[0].self_attn.q_proj.weight.dtype
+    vocab = (model.model.embed_tokens.weight.dtype, model.lm_head.weight.dtype)
+    tokens = mx.array([[3, 1, 4, 1, 5, 9, 2, 6]])
+    logits = model(tokens)
+    if mx.default_device() == mx.cpu:
+        assert attention == mx.float32 and vocab == (mx.bfloat16, mx.bfloat16)
+        assert logits.dtype == mx.float32
+        exact, _ = load_model(tiny_checkpoint, "float32")
+        reference = np.array(exact(tokens))
+        assert np.abs(np.array(logits) - reference).max() < 0.05
+        assert (np.array(logits).argmax(-1) == reference.argmax(-1)).all()
+    else:
+        assert attention == mx.bfloat16 and vocab == (mx.bfloat16, mx.bfloat16)
