@@ -9,9 +9,11 @@ ones so a prompt cache can be trimmed back a little without recomputation.
 Rewinding a sliding cache further than its slack is impossible by trimming: the keys are gone.
 `PromptCache` therefore also keeps *snapshots* (the sliding layers' arrays are immutable, so a
 snapshot is a few references, O(window) memory): one at the end of every prompt prefill, which is
-exactly where the next turn's rendered history departs from what was generated (dropped analysis,
-a tool call re-rendered with the recipient first). A rewind uses, in order: plain trimming, the
-latest snapshot at or before the common prefix, a full re-prefill. Each is exact.
+where a chat's next turn departs from what was generated when it drops the turn's analysis. Not
+every departure is there: a tool call re-rendered with the recipient first departs after the
+round's analysis, a few tokens before the generated end, which the sliding layers' slack covers.
+A rewind uses, in order: plain trimming, the latest snapshot at or before the common prefix, a
+full re-prefill. Each is exact.
 """
 from __future__ import annotations
 

@@ -9,12 +9,15 @@ history (`chat.messages`, `/save`) keeps everything.
 
 The prompt cache makes each turn prefill only what is new. Dropping the analysis changes the
 rendered history exactly where the previous turn's generation began, which `PromptCache` has a
-snapshot of, so nothing before it is recomputed.
+snapshot of (it keeps one per generation of the whole turn), so nothing before it is recomputed.
+Inside a turn, a tool call is re-rendered recipient first, so the next round's prompt departs
+from the cache just after the call's header start; the sliding layers keep `CALL_SLACK` extra
+keys to trim back there rather than re-read the round's analysis.
 
 Tool calls: `functions.*` run the registered Python callable; a function without one (e.g. from
 a tools file) goes to `on_tool_call(call) -> str` (the CLI asks the user); without a handler the
 turn stops with `stop == "call"` and `add_tool_result` + `resume` continue it. A function the
-model invented gets an error result. `python` runs in the sandbox when enabled. Every result goes back as
+model invented gets an error result. `python` runs in its own process when enabled (not a security sandbox). Every result goes back as
 the tool's message and generation continues, at most `max_tool_rounds` times per turn.
 
 An interrupted turn (Ctrl-C, or the caller closing the stream) is discarded: history and cache
@@ -22,6 +25,7 @@ are as before it.
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -48,6 +52,7 @@ from .harmony import (
     Message,
     ReasoningEffort,
     RenderConversationConfig,
+    ResponseFormat,
     Role,
     SystemContent,
     TextContent,
@@ -59,6 +64,7 @@ from .tools.functions import FunctionTool, ToolRegistry
 
 RENDER_CONFIG = RenderConversationConfig(auto_drop_analysis=True, drop_finished_turns=True)
 DEFAULT_TOOL_ROUNDS = 8
+CALL_SLACK = 128  # sliding-window keys kept beyond the window: enough to rewind past a call
 ToolHandler = Callable[[Message], str]
 
 
@@ -132,13 +138,15 @@ class Chat:
         self.logits_processors = list(logits_processors)
         self.date = date
         # Structured output: every final answer validates against `response_format` (a JSON
-        # Schema or a pydantic model class); with `constrain_tools`, every function call's
-        # arguments validate against its parameters.
+        # Schema, a pydantic model class, or a loaded conversation's `ResponseFormat`); with
+        # `constrain_tools`, every function call's arguments validate against its parameters.
         self.response_format = response_format
         self.constrain_tools = constrain_tools
-        self._constraint: tuple[list, JsonSchemaConstraint | None] | None = None
+        self._constraint: tuple[tuple, JsonSchemaConstraint | None] | None = None
         self.json_constraint()  # a bad schema fails here, before any generation
-        self.cache = PromptCache.for_model(model) if prompt_cache else None
+        # The slack lets a tool round trim back to where its call is re-rendered (recipient
+        # first, after the round's analysis) instead of re-reading that analysis.
+        self.cache = PromptCache.for_model(model, sliding_slack=CALL_SLACK) if prompt_cache else None
         self.messages: list[Message] = []
         self._generations = 0
 
@@ -156,13 +164,28 @@ class Chat:
         return messages
 
     def json_constraint(self) -> JsonSchemaConstraint | None:
-        """The compiled constraint, or None; compiled again only when the tools change."""
-        tools = self.tools.descriptions() if self.constrain_tools else []
-        if self._constraint is None or self._constraint[0] != tools:
-            needed = self.response_format is not None or tools
-            self._constraint = (tools, JsonSchemaConstraint.from_schema(
-                self.tokenizer, self.response_format, tools=tools) if needed else None)
+        """The compiled constraint, or None; compiled again only when the tools or the
+        response format change."""
+        self._constraint = self._compile_constraint(self.tools, self.response_format)
         return self._constraint[1]
+
+    def _compile_constraint(self, tools: ToolRegistry, response_format: Any
+                            ) -> tuple[tuple, JsonSchemaConstraint | None]:
+        """(cache key, constraint) for these settings; the cached one when they are unchanged."""
+        descriptions = tools.descriptions() if self.constrain_tools else []
+        key = (descriptions, _format_key(response_format))
+        if self._constraint is not None and self._constraint[0] == key:
+            return self._constraint
+        if response_format is None and not descriptions:
+            return key, None
+        if isinstance(response_format, ResponseFormat):  # from a loaded conversation
+            constraint = JsonSchemaConstraint.from_schema(self.tokenizer, response_format.schema,
+                                                          tools=descriptions)
+            constraint.response_format = response_format  # its name and description, verbatim
+        else:
+            constraint = JsonSchemaConstraint.from_schema(self.tokenizer, response_format,
+                                                          tools=descriptions)
+        return key, constraint
 
     def conversation(self) -> Conversation:
         return Conversation(self.header() + self.messages)
@@ -182,14 +205,14 @@ class Chat:
         """Write the whole conversation as openai-harmony JSON."""
         try:
             Path(path).write_text(self.conversation().to_json() + "\n", encoding="utf-8")
-        except OSError as e:
-            raise GptOssError(f"cannot write {path}: {e.strerror}") from None
+        except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
+            raise GptOssError(f"cannot write {path}: {getattr(e, 'strerror', None) or e}") from None
 
     def load(self, path: str | os.PathLike) -> None:
         """Replace history and settings with a saved conversation (openai-harmony JSON)."""
         try:
             text = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
+        except (OSError, ValueError) as e:  # ValueError: not UTF-8, or a NUL byte in the name
             raise GptOssError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
         try:
             conversation = Conversation.from_json(text)
@@ -198,23 +221,38 @@ class Chat:
         self.set_conversation(conversation)
 
     def set_conversation(self, conversation: Conversation | Iterable[Message]) -> None:
-        messages = list(conversation)
-        history = []
-        for message in messages:
+        """Replace history and settings: the conversation's system and developer messages
+        define effort, identity, date, instructions, function tools and response format (what
+        they leave out is unset). A declared function keeps its registered Python callable.
+        Invalid settings raise before anything changes."""
+        system, developer, history = SystemContent(), DeveloperContent(), []
+        for message in conversation:
             part = message.content[0] if len(message.content) == 1 else None
             if isinstance(part, SystemContent):
-                self.reasoning_effort = part.reasoning_effort
-                if part.model_identity != SystemContent().model_identity:
-                    self.system = part.model_identity
-                self.date = part.conversation_start_date
+                system = part
             elif isinstance(part, DeveloperContent):
-                self.instructions = part.instructions
-                functions = (part.tools or {}).get("functions")
-                for tool in functions.tools if functions else []:
-                    if tool.name not in self.tools:
-                        self.tools.add(FunctionTool(tool.name, tool.description, tool.parameters))
+                developer = part
             else:
                 history.append(message)
+        functions = (developer.tools or {}).get("functions")
+        tools = ToolRegistry()
+        for tool in functions.tools if functions else []:
+            registered = self.tools.tools.get(tool.name)
+            tools.add(FunctionTool(tool.name, tool.description, tool.parameters,
+                                   registered.function if registered else None))
+        formats = developer.response_formats or []
+        if len(formats) > 1:
+            raise GptOssError(f"a chat takes one response format; the conversation has {len(formats)}")
+        response_format = formats[0] if formats else None
+        constraint = self._compile_constraint(tools, response_format)  # a bad schema raises here
+        self.reasoning_effort = system.reasoning_effort
+        self.system = None if system.model_identity == SystemContent().model_identity \
+            else system.model_identity
+        self.date = system.conversation_start_date
+        self.instructions = developer.instructions
+        self.tools = tools
+        self.response_format = response_format
+        self._constraint = constraint
         self.messages = history
 
     # ----------------------------------------------------------------- turns
@@ -281,8 +319,12 @@ class Chat:
         sampling = self.sampling
         if sampling is not None and sampling.seed is not None:
             # One seed makes the session reproducible; each generation draws fresh numbers.
-            sampling = replace(sampling, seed=sampling.seed + self._generations)
+            sampling = replace(sampling, seed=(sampling.seed + self._generations) % 2**64)
         self._generations += 1
+        if self.cache is not None:
+            # One snapshot per generation: keep those of the whole turn, so the snapshot where
+            # the turn began (where the next turn drops its analysis) is still there.
+            self.cache.max_snapshots = max(PromptCache.max_snapshots, self.max_tool_rounds + 2)
         processors = list(self.logits_processors)
         constraint = self.json_constraint()
         if constraint is not None:
@@ -302,13 +344,11 @@ class Chat:
         name = ToolRegistry.function_name(recipient)
         if name is not None:
             tool = self.tools.tools.get(name)
-            if tool is not None and tool.function is not None:
-                return tool.run(call.text())
+            if tool is None or tool.function is not None:
+                return self.tools.run(name, call.text())  # unknown ones get an error result
             if self.on_tool_call is not None:
                 return self.on_tool_call(call)
-            if name in self.tools:
-                return None  # known but unimplemented: the caller answers it
-            return self.tools.run(name, call.text())  # an unknown function: tell the model
+            return None  # known but unimplemented: the caller answers it
         if recipient.split(".")[0] == "python":
             if self.python is None:
                 return '{"error": "the python tool is not enabled"}'
@@ -326,6 +366,17 @@ class Chat:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _format_key(response_format: Any) -> Any:
+    """What identifies a response format: a schema by its JSON (so editing it in place
+    counts), a pydantic model class by itself."""
+    if isinstance(response_format, ResponseFormat):
+        response_format = response_format.to_dict()
+    try:
+        return json.dumps(response_format, sort_keys=True)
+    except (TypeError, ValueError):
+        return response_format
 
 
 def _python_tool(python: bool | Any):

@@ -40,6 +40,8 @@ class SamplingParams:
             raise GptOssError(f"top-k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 <= self.min_p <= 1:
             raise GptOssError(f"min-p must be in [0, 1], got {self.min_p}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:  # mx.random.key's range
+            raise GptOssError(f"seed must be in [0, 2**64), got {self.seed}")
 
     @property
     def greedy(self) -> bool:

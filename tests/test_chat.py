@@ -7,7 +7,7 @@ import json
 import openai_harmony as oh
 import pytest
 
-from mlx_gptoss.chat import Chat, Reply, ToolResult
+from mlx_gptoss.chat import CALL_SLACK, Chat, Reply, ToolResult
 from mlx_gptoss.generate import GenerationResult
 from mlx_gptoss.harmony import Conversation, Role, render_conversation_for_completion
 from mlx_gptoss.sampling import SamplingParams
@@ -268,3 +268,153 @@ def test_call_without_recipient_ends_the_turn_cleanly(chat_model):
     reply = chat.send("x")
     assert reply.stop == "invalid_call" and reply.messages[-1].text() == "oops"
     assert "oops<|end|><|start|>assistant" in tok.decode(chat.prompt_tokens())  # still renders
+
+
+# --------------------------------------------------------------------------- settings, tools, cache
+
+
+def test_tuple_default_becomes_a_json_array(chat_model, oracle_encoding):
+    """A default with no JSON equivalent used to reach the renderer and fail the first send."""
+    from mlx_gptoss.tools.functions import function_tool
+
+    def resize(size: tuple[int, int] = (640, 480), when=object(), scale: float = 1.0):
+        """Resize the image."""
+        return list(size)
+
+    properties = function_tool(resize).parameters["properties"]
+    assert properties["size"] == {"type": "array", "items": {"type": "integer"}, "default": [640, 480]}
+    assert properties["when"] == {} and properties["scale"] == {"type": "number", "default": 1.0}
+    _, tok = chat_model
+    model = scripted(CALL.replace("get_weather", "resize").replace("{ARGS}", "{}"), ANSWER)
+    chat = Chat(model, tok, tools=[resize], sampling=GREEDY)
+    reply = chat.send("resize it")
+    assert reply.stop == "return" and reply.messages[2].text() == "[640, 480]"
+    first_prompt = Conversation(chat.header() + chat.messages[:1])
+    oracle = oh.Conversation.from_json(first_prompt.to_json())
+    assert oracle_encoding.render_conversation_for_completion(oracle, oh.Role.ASSISTANT) == \
+        model.prefills[0]
+    assert "size?: number[], // default: [640,480]\n" in tok.decode(model.prefills[0])
+
+
+def test_response_format_set_after_construction_applies(chat_model):
+    _, tok = chat_model
+    chat = Chat(scripted(ANSWER), tok, sampling=GREEDY)
+    assert chat.json_constraint() is None
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    chat.response_format = schema
+    assert chat.json_constraint().response_format.schema == schema
+    assert "# Response Formats" in tok.decode(chat.prompt_tokens())
+    schema["properties"]["zip"] = {"type": "integer"}  # edited in place: compiled again
+    assert "zip" in chat.json_constraint().response_format.schema["properties"]
+    chat.response_format = None
+    assert chat.json_constraint() is None and "# Response Formats" not in tok.decode(chat.prompt_tokens())
+
+
+def test_invented_function_gets_an_error_not_the_handler(chat_model):
+    _, tok = chat_model
+    asked = []
+    invented = CALL.replace("get_weather", "get_time").replace("{ARGS}", "{}")
+    chat = Chat(scripted(invented, ANSWER), tok, tools=[get_weather], sampling=GREEDY,
+                on_tool_call=lambda call: asked.append(call) or "{}")
+    reply = chat.send("time?")
+    assert asked == []
+    assert json.loads(reply.messages[2].text()) == \
+        {"error": "unknown function 'get_time'; available: get_weather"}
+
+
+def test_load_replaces_every_setting(chat_model, tmp_path):
+    """The loaded chat renders exactly the saved prompt, whatever the chat had before; a
+    declared function keeps its callable; a bad file changes nothing."""
+    model, tok = chat_model
+    plain = Chat(scripted(ANSWER), tok, sampling=GREEDY)
+    plain.send("hi")
+    plain.save(tmp_path / "plain.json")
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    busy = Chat(scripted(ANSWER), tok, sampling=GREEDY, system="You are Bob.", instructions="Be terse.",
+                reasoning_effort="high", date="2025-01-01", tools=[get_weather], response_format=schema)
+    busy.load(tmp_path / "plain.json")
+    assert busy.prompt_tokens() == plain.prompt_tokens()
+    assert (busy.system, busy.instructions, busy.date, busy.response_format) == (None, None, None, None)
+    assert not busy.tools and busy.reasoning_effort.value == "Medium"
+
+    def get_time() -> str:
+        return "noon"
+
+    structured = Chat(scripted(ANSWER), tok, sampling=GREEDY, system="You are Ann.",
+                      tools=[get_weather], response_format=schema)
+    structured.save(tmp_path / "structured.json")
+    other = Chat(model, tok, sampling=GREEDY, tools=[get_weather, get_time])
+    other.load(tmp_path / "structured.json")
+    assert other.prompt_tokens() == structured.prompt_tokens()
+    assert list(other.tools.tools) == ["get_weather"]
+    assert other.tools.tools["get_weather"].function is get_weather
+    assert other.json_constraint().response_format.schema == schema
+
+    data = json.loads((tmp_path / "structured.json").read_text())
+    developer = next(m for m in data["messages"] if m["role"] == "developer")
+    developer["content"][0]["tools"]["functions"]["tools"][0]["name"] = "bad name"
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    before = (other.prompt_tokens(), list(other.messages), other.tools.tools)
+    from mlx_gptoss.errors import GptOssError
+
+    plain.instructions = "Changed."
+    with pytest.raises(GptOssError, match="invalid function tool name 'bad name'"):
+        plain.load(tmp_path / "bad.json")
+    assert plain.instructions == "Changed." and plain.system is None and not plain.tools
+    assert before == (other.prompt_tokens(), list(other.messages), other.tools.tools)
+
+
+ROUND_ANALYSIS = "<|channel|>analysis<|message|>I need the weather in Paris, so I call the tool.<|end|>"
+
+
+class ToolRounds:
+    """A logits processor: the first `calls` generations of each turn call get_weather after a
+    fixed analysis, the next one answers (free text); `turn_calls` sets the calls per turn."""
+
+    def __init__(self, turn_calls: list[int]):
+        call = ROUND_ANALYSIS + ("<|start|>assistant<|channel|>commentary to=functions.get_weather "
+                                 '<|constrain|>json<|message|>{"location": "Paris"}<|call|>')
+        self.call = ForcedScript(harmony(call))
+        self.answer = ForcedScript(harmony("<|channel|>final<|message|>") + [FREE] * 5)
+        self.plan = [script for calls in turn_calls for script in [self.call] * calls + [self.answer]]
+        self.generation = -1
+
+    def __call__(self, tokens, logits):
+        if not tokens:
+            self.generation += 1
+        return self.plan[self.generation](tokens, logits)
+
+
+def tool_chat(model, tok, turn_calls, **options) -> Chat:
+    return Chat(model, tok, tools=[get_weather], sampling=GREEDY, reasoning_effort="low",
+                constrain_tools=False, logits_processors=[ToolRounds(turn_calls)], **options)
+
+
+def test_next_turn_reuses_the_cache_after_the_most_tool_rounds(chat_model):
+    """A turn of 1 + max_tool_rounds generations marks as many snapshots; the one where the
+    turn began (where the next turn drops its analysis) must survive them."""
+    model, tok = chat_model
+    rounds = 8
+    chat = tool_chat(model, tok, [rounds, 0], max_tool_rounds=rounds)
+    first = chat.send("Weather in Paris?")
+    assert first.stop == "return" and len(first.generations) == rounds + 1
+    second = chat.send("Thanks!").generations[0].stats
+    began = first.generations[0].stats.prompt_tokens
+    window = model.config.sliding_window
+    assert first.generations[-1].stats.prompt_tokens - began > CALL_SLACK + window  # no trim
+    assert second.cached_tokens == began  # the turn-start snapshot, nothing before re-read
+
+
+def test_tool_round_rewinds_only_the_call(chat_model):
+    """The next round's prompt re-renders the call recipient first, right after the round's
+    analysis: the sliding slack trims back there, so the analysis is not read again."""
+    model, tok = chat_model
+    chat = tool_chat(model, tok, [1, 1])
+    uncached = tool_chat(model, tok, [1, 1], prompt_cache=False)
+    for text in ("Weather in Paris?", "And tomorrow?"):
+        reply, expected = chat.send(text), uncached.send(text)
+        assert [g.tokens for g in reply.generations] == [g.tokens for g in expected.generations]
+        assert reply.text and reply.stop == "return"
+        call, answer = reply.generations
+        analysis = len(harmony(ROUND_ANALYSIS + "<|start|>assistant"))
+        assert answer.stats.cached_tokens == call.stats.prompt_tokens + analysis

@@ -200,3 +200,31 @@ def test_chat_in_a_terminal_ctrl_c_keeps_the_session_ctrl_d_exits(chat_checkpoin
     finally:
         child.close(force=True)
     assert child.exitstatus == 0, child.before
+
+
+def test_bad_seed_is_one_line_exit_2(chat_checkpoint, capsys):
+    code, out, err = cli(capsys, "generate", "-m", chat_checkpoint, "-p", "x", "--seed", "-1")
+    assert code == 2 and out == ""
+    assert err == "error: seed must be in [0, 2**64), got -1\n"
+
+
+def test_chat_save_and_load_take_the_rest_of_the_line(chat_model, tmp_path, capsys, monkeypatch):
+    """Spaces, apostrophes and stray quotes are part of the file name; a bad name is an error
+    line, never a traceback that ends the session."""
+    from mlx_gptoss.chat import Chat
+
+    model, tok = chat_model
+    chat = Chat(model, tok, instructions="Keep me.")
+    monkeypatch.chdir(tmp_path)
+    script = ["/save my chat.json", "/save Bob's chat.json", '/save "quoted name.json"',
+              '/load "missing.json', "/load my chat.json", "/save  ", "/quit"]
+    repl(chat, Display(tok), stdin=io.StringIO("\n".join(script) + "\n"))
+    out, err = capsys.readouterr()
+    assert sorted(p.name for p in tmp_path.iterdir()) == \
+        ["Bob's chat.json", "my chat.json", "quoted name.json"]
+    assert "Keep me." in (tmp_path / "Bob's chat.json").read_text()
+    assert err.splitlines() == [
+        "saved my chat.json", "saved Bob's chat.json", "saved quoted name.json",
+        'error: cannot read "missing.json: No such file or directory',
+        "loaded my chat.json", "error: /save needs a file name"]
+    assert out == "" and chat.instructions == "Keep me."

@@ -110,3 +110,15 @@ def test_overrides_and_validation():
                 dict(min_p=2)):
         with pytest.raises(GptOssError):
             SamplingParams(**bad)
+
+
+def test_seed_must_fit_a_random_key():
+    """mx.random.key takes an unsigned 64-bit seed; anything else is a user error, not a
+    TypeError from deep inside the sampler."""
+    for bad in (-1, 2**64):
+        with pytest.raises(GptOssError, match=f"seed must be in \\[0, 2\\*\\*64\\), got {bad}"):
+            SamplingParams(seed=bad)
+    logits = mx.array([[0.0, 1.0, 2.0]])
+    for edge in (0, 2**64 - 1):
+        sample = make_sampler(SamplingParams(seed=edge))
+        assert sample(logits).tolist() == make_sampler(SamplingParams(seed=edge))(logits).tolist()

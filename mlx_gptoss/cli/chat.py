@@ -6,7 +6,6 @@ Ctrl-D exits. Calls to functions from --tools are shown and their result is aske
 """
 from __future__ import annotations
 
-import shlex
 import sys
 from pathlib import Path
 from typing import Optional
@@ -23,7 +22,8 @@ HELP = """commands:
   /system TEXT              model identity line of the system message (empty: default)
   /developer TEXT           developer instructions (empty: none)
   /reset                    forget the conversation
-  /save FILE                save the conversation (openai-harmony JSON)
+  /save FILE                save the conversation (openai-harmony JSON); FILE is the rest
+                            of the line, spaces included (quotes around it are optional)
   /load FILE                load a saved conversation
   /help                     this help;  Ctrl-C stops a reply;  Ctrl-D (or /quit) exits"""
 
@@ -43,6 +43,13 @@ def _ask_tool_result(call) -> str:
         return ask(f"result for {call.recipient}> ")
     except EOFError:
         return '{"error": "the user gave no result"}'
+
+
+def _unquote(text: str) -> str:
+    """A file name is the whole rest of the line; one pair of quotes around it is dropped."""
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    return text
 
 
 def command(chat, line: str) -> bool:
@@ -68,11 +75,12 @@ def command(chat, line: str) -> bool:
         chat.reset()
         print("conversation cleared", file=sys.stderr)
     elif name in ("save", "load"):
-        if not arg:
+        file_name = _unquote(arg)
+        if not file_name:
             raise GptOssError(f"/{name} needs a file name")
-        path = Path(shlex.split(arg)[0]).expanduser()
+        path = Path(file_name).expanduser()
         chat.save(path) if name == "save" else chat.load(path)
-        print(f"{name}d {path}" if name == "load" else f"saved {path}", file=sys.stderr)
+        print(f"{'saved' if name == 'save' else 'loaded'} {path}", file=sys.stderr)
     else:
         raise GptOssError(f"unknown command /{name} (try /help)")
     return True
