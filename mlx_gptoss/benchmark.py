@@ -285,7 +285,10 @@ def breakdown(runner: Runner, context: int, settings: Settings, vocab: int
     model = runner.model
     cache = runner.make_cache()
     runner.prefill(prompt(context, vocab, settings.seed + 3), cache)
-    x = model.model.embed_tokens(mx.array([[1]]))
+    # Ours embeds and projects through the model's own methods (they apply its dtype policy).
+    embed = model.embed if runner.name == OURS else model.model.embed_tokens
+    head = model.head if runner.name == OURS else model.lm_head
+    x = embed(mx.array([[1]]))
     flat = x.reshape(-1, x.shape[-1])
     layers = list(zip(model.layers, cache))
     chosen = [mx.argpartition(-layer.mlp.router(flat), kth=mlp_top_k(layer.mlp) - 1,
@@ -309,8 +312,8 @@ def breakdown(runner: Runner, context: int, settings: Settings, vocab: int
         "router": median_time(lambda: [_route(layer.mlp, flat) for layer in model.layers]),
         "experts": median_time(lambda: [experts(layer, c)
                                         for layer, c in zip(model.layers, chosen)]),
-        "lm_head": median_time(lambda: model.lm_head(model.model.norm(x))),
-        "embedding": median_time(lambda: model.model.embed_tokens(mx.array([[1]]))),
+        "lm_head": median_time(lambda: head(model.model.norm(x))),
+        "embedding": median_time(lambda: embed(mx.array([[1]]))),
     }
     step_s = median_time(lambda: mx.argmax(runner.step(mx.array([1]), cache), axis=-1))
     parts["overhead"] = max(0.0, step_s - sum(parts.values()))

@@ -96,8 +96,8 @@ def load(path: str | Path, dtype: str | mx.Dtype | None = None) -> tuple[Model, 
     """Load a gpt-oss model directory: returns `(model, tokenizer)`.
 
     `dtype` sets the compute dtype of the non-quantized weights and so of the activations
-    (e.g. "float32"); the default is float32 on the CPU and bf16 on a GPU (see
-    `resolve_dtype`). MXFP4 experts stay packed.
+    (e.g. "float32"); the default is float32 activations on the CPU (vocabulary matrices kept
+    in bf16) and bf16 on a GPU (see `resolve_dtype`). MXFP4 experts stay packed.
     """
     model, _ = load_model(path, dtype)
     return model, load_tokenizer_for(Path(path))

@@ -295,9 +295,7 @@ class Model(nn.Module):
     def __call__(self, inputs: mx.array, cache: list | None = None,
                  last_only: bool = False) -> mx.array:
         """`last_only` computes the last block's MLP and the head for the last position only."""
-        x = self.model.embed_tokens(inputs)
-        if self.activation_dtype is not None:
-            x = x.astype(self.activation_dtype)
+        x = self.embed(inputs)
         t = inputs.shape[1]
         caches = cache if cache is not None else [None] * len(self.layers)
         masks: dict[bool, object] = {}
@@ -309,11 +307,19 @@ class Model(nn.Module):
                 window = self.config.sliding_window if layer.sliding else None
                 masks[layer.sliding] = attention_mask(t, offset, history, window)
             x = layer(x, masks[layer.sliding], layer_cache, last_only and i == last)
-        x = self.model.norm(x)
+        return self.head(self.model.norm(x))
+
+    def embed(self, inputs: mx.array) -> mx.array:
+        """Token ids -> activations (in `activation_dtype` when the loader set one)."""
+        x = self.model.embed_tokens(inputs)
+        return x if self.activation_dtype is None else x.astype(self.activation_dtype)
+
+    def head(self, x: mx.array) -> mx.array:
+        """Normalised activations -> logits, in the activations' dtype."""
         head = self.model.embed_tokens if self.config.tie_word_embeddings else self.lm_head
         project = head.as_linear if self.config.tie_word_embeddings else head
         if type(head) in (nn.Linear, nn.Embedding) and head.weight.dtype != x.dtype:
-            # A dense head kept in its own dtype: multiply in it, return activation-dtype logits.
+            # A dense head kept in its own dtype (see `activation_dtype`): multiply in it.
             return project(x.astype(head.weight.dtype)).astype(x.dtype)
         return project(x)
 

@@ -73,8 +73,8 @@ MAX_TOOL_ROUNDS = typer.Option(8, "--max-tool-rounds", help="Tool calls per turn
 JSON_SCHEMA = typer.Option(None, "--json-schema",
                            help="JSON Schema file: every answer is JSON that validates against it.")
 DTYPE = typer.Option(None, "--dtype",
-                     help="Compute dtype (bfloat16, float32...). Default: float32 on the CPU "
-                          "backend, bfloat16 on a GPU.")
+                     help="Compute dtype (bfloat16, float32...). Default: float32 activations "
+                          "on the CPU backend, bfloat16 on a GPU.")
 
 
 # --------------------------------------------------------------------------- display
