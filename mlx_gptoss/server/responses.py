@@ -1,0 +1,349 @@
+"""`POST /v1/responses` (streamed and not), and the stored responses behind `GET`/`DELETE`.
+
+`ResponseBuilder` turns the harmony events of a generation into the Responses API's output
+items and stream events, in OpenAI's order (`response.created` and `.in_progress` before the
+prefill; per item `output_item.added`, `content_part.added`, deltas, `.done` events and
+`output_item.done`; one terminal `response.completed`, `.incomplete` or `.failed`). A
+non-streamed request runs the same builder and returns its final response object, so both
+forms always agree. Mapping: analysis -> `reasoning` (raw text in `content`, `summary: []`);
+final -> `message` (`phase: "final_answer"`); a commentary preamble -> `message`
+(`phase: "commentary"`, never dropped); a call to `functions.X` on any channel ->
+`function_call`. `output_index` counts items from 0 without gaps and `sequence_number` counts
+events from 0.
+
+Stored responses (`store`, default true) keep their harmony history, so `previous_response_id`
+continues the conversation exactly (an unknown id is a 404); `instructions` are not carried
+over, as OpenAI documents. The store is an in-memory LRU.
+"""
+from __future__ import annotations
+
+import copy
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from ..generate import GenerationResult
+from ..harmony import Message, MessageEnd, MessageStart, TextDelta
+from .convert import (
+    HistoryReader,
+    Prompt,
+    clamp_effort,
+    encode_reasoning,
+    function_name,
+    item_kind,
+    reasoning_token_count,
+    responses_tools,
+    tool_choice_target,
+)
+from .generation import Plan, ServerState, guarded, plan_generation
+from .protocol import APIError, bad_request, get, get_number, get_positive_int
+
+STORE_CAPACITY = 1024
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(16)}"
+
+
+# --------------------------------------------------------------------------- the store
+
+
+@dataclass
+class StoredResponse:
+    response: dict[str, Any]
+    history: list[Message]  # input and output, as harmony messages (no system/developer)
+    call_names: dict[str, str]
+
+
+class ResponseStore:
+    """Responses by id, the least recently used forgotten past `capacity`."""
+
+    def __init__(self, capacity: int = STORE_CAPACITY):
+        self.capacity = capacity
+        self.items: OrderedDict[str, StoredResponse] = OrderedDict()
+
+    def put(self, stored: StoredResponse) -> None:
+        self.items[stored.response["id"]] = stored
+        self.items.move_to_end(stored.response["id"])
+        while len(self.items) > self.capacity:
+            self.items.popitem(last=False)
+
+    def get(self, response_id: str, param: str = "response_id") -> StoredResponse:
+        stored = self.items.get(response_id)
+        if stored is None:
+            raise APIError(404, f"No response with id '{response_id}' is stored on this server",
+                           param=param, code="not_found")
+        self.items.move_to_end(response_id)
+        return stored
+
+    def delete(self, response_id: str) -> None:
+        self.get(response_id)
+        del self.items[response_id]
+
+
+# --------------------------------------------------------------------------- the request
+
+
+@dataclass
+class ResponsesRequest:
+    plan: Plan
+    stream: bool
+    store: bool
+    include_reasoning: bool
+    base: dict[str, Any]  # the response object's fixed fields
+    call_names: dict[str, str]
+
+
+def parse_request(state: ServerState, body: dict[str, Any]) -> ResponsesRequest:
+    state.check_model(get(body, "model", "string", ""))
+    reader = HistoryReader()
+    previous_id = get(body, "previous_response_id", "string", "")
+    if previous_id is not None:
+        previous = state.store.get(previous_id, "previous_response_id")
+        reader.history = list(previous.history)
+        reader.call_names = dict(previous.call_names)
+    if "input" not in body and previous_id is None:
+        raise bad_request("missing required parameter 'input'", "input", "missing_required_parameter")
+    if body.get("input") is not None:
+        reader.responses_input(body["input"])
+    if not reader.history:
+        raise bad_request("'input' has nothing to answer", "input", "invalid_value")
+    instructions = get(body, "instructions", "string", "")
+    reasoning = get(body, "reasoning", "object", "", {})
+    functions, builtins = responses_tools(body.get("tools"), state.builtins)
+    mode, names = tool_choice_target(body.get("tool_choice"), functions)
+    schema, schema_name = response_format(get(body, "text", "object", "", {}))
+    include = get(body, "include", "array", "", [])
+    prompt = Prompt(history=reader.history,
+                    instructions=[instructions] + reader.instructions if instructions else reader.instructions,
+                    functions=[] if mode == "none" else functions,
+                    effort=clamp_effort(reasoning.get("effort"), "reasoning.effort"),
+                    response_schema=schema, response_name=schema_name, python="python" in builtins)
+    max_output = get_positive_int(body, "max_output_tokens", "")
+    temperature = get_number(body, "temperature", "", 0, 2)
+    top_p = get_number(body, "top_p", "", 0, 1)
+    seed = get(body, "seed", "integer", "")
+    plan = plan_generation(state, prompt, tool_mode=mode, call_names=names,
+                           temperature=temperature, top_p=top_p, seed=seed,
+                           max_tokens=max_output)
+    sampling = plan.options["sampling"]
+    base = {
+        "object": "response", "model": state.served_name, "error": None,
+        "incomplete_details": None, "instructions": instructions,
+        "metadata": get(body, "metadata", "object", "", {}),
+        "parallel_tool_calls": get(body, "parallel_tool_calls", "boolean", "", True),
+        "temperature": sampling.temperature, "top_p": sampling.top_p,
+        "tool_choice": body.get("tool_choice") or "auto", "tools": body.get("tools") or [],
+        "max_output_tokens": max_output, "previous_response_id": previous_id,
+        "reasoning": {"effort": prompt.effort, "summary": None},
+        "store": get(body, "store", "boolean", "", True),
+        "text": {"format": get(body, "text", "object", "", {}).get("format") or {"type": "text"}},
+        "truncation": "disabled", "background": False, "usage": None,
+    }
+    return ResponsesRequest(plan, get(body, "stream", "boolean", "", False), base["store"],
+                            "reasoning.encrypted_content" in include, base, reader.call_names)
+
+
+def response_format(text: dict[str, Any]) -> tuple[Any, str | None]:
+    """(schema, name) from Responses' flat `text.format`; (None, None) for plain text."""
+    fmt = get(text, "format", "object", "text")
+    if fmt is None or fmt.get("type", "text") == "text":
+        return None, None
+    if fmt.get("type") == "json_object":
+        return {"type": "object"}, "json_object"
+    if fmt.get("type") == "json_schema":
+        schema = fmt.get("schema")
+        if not isinstance(schema, (dict, bool)):
+            raise bad_request("'text.format.schema' must be a JSON Schema object",
+                              "text.format.schema", "invalid_type")
+        return schema, get(fmt, "name", "string", "text.format")
+    raise bad_request(f"'text.format.type' must be text, json_object or json_schema, got "
+                      f"{fmt.get('type')!r}", "text.format.type", "invalid_value")
+
+
+# --------------------------------------------------------------------------- the builder
+
+
+@dataclass
+class OpenItem:
+    kind: str
+    index: int
+    item: dict[str, Any]
+
+
+class ResponseBuilder:
+    """Harmony events in, Responses stream events out; `response` is the full object."""
+
+    def __init__(self, state: ServerState, request: ResponsesRequest):
+        self.state = state
+        self.request = request
+        self.response = {"id": new_id("resp"), "created_at": int(time.time()),
+                         "status": "in_progress", **copy.deepcopy(request.base), "output": []}
+        self.sequence = 0
+        self.open: OpenItem | None = None
+        self.call_names: dict[str, str] = {}
+
+    def event(self, kind: str, **fields: Any) -> dict[str, Any]:
+        out = {"type": kind, "sequence_number": self.sequence, **fields}
+        self.sequence += 1
+        return out
+
+    def snapshot(self) -> dict[str, Any]:
+        return copy.deepcopy(self.response)
+
+    def start(self) -> list[dict[str, Any]]:
+        return [self.event("response.created", response=self.snapshot()),
+                self.event("response.in_progress", response=self.snapshot())]
+
+    def feed(self, event: Any) -> list[dict[str, Any]]:
+        if isinstance(event, MessageStart):
+            return self._close() + self._open(event.channel, event.recipient)
+        if isinstance(event, TextDelta) and self.open is not None:
+            return [self._delta(event.text)]
+        if isinstance(event, MessageEnd):
+            out = [] if self.open is not None else self._open(event.message.channel,
+                                                              event.message.recipient)
+            return out + self._close(event.message.text(), event.stop)
+        return []
+
+    def _open(self, channel: str | None, recipient: str | None) -> list[dict[str, Any]]:
+        kind = item_kind(channel, recipient)
+        index = len(self.response["output"])
+        if kind == "reasoning":
+            item = {"id": new_id("rs"), "type": "reasoning", "summary": [], "content": [],
+                    "status": "in_progress"}
+            part = {"type": "reasoning_text", "text": ""}
+        elif kind == "message":
+            item = {"id": new_id("msg"), "type": "message", "role": "assistant",
+                    "status": "in_progress", "content": [],
+                    "phase": "commentary" if channel == "commentary" else "final_answer"}
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        else:
+            kind = "function_call"
+            item = {"id": new_id("fc"), "type": "function_call", "call_id": new_id("call"),
+                    "name": function_name(recipient), "arguments": "", "status": "in_progress"}
+            part = None
+        self.response["output"].append(item)
+        self.open = OpenItem(kind, index, item)
+        out = [self.event("response.output_item.added", output_index=index, item=copy.deepcopy(item))]
+        if part is not None:
+            item["content"].append(part)
+            out.append(self.event("response.content_part.added", item_id=item["id"],
+                                  output_index=index, content_index=0, part=dict(part)))
+        return out
+
+    def _delta(self, text: str) -> dict[str, Any]:
+        item, index = self.open.item, self.open.index
+        if self.open.kind == "function_call":
+            item["arguments"] += text
+            return self.event("response.function_call_arguments.delta", item_id=item["id"],
+                              output_index=index, delta=text)
+        item["content"][0]["text"] += text
+        if self.open.kind == "reasoning":
+            return self.event("response.reasoning_text.delta", item_id=item["id"],
+                              output_index=index, content_index=0, delta=text)
+        return self.event("response.output_text.delta", item_id=item["id"], output_index=index,
+                          content_index=0, delta=text, logprobs=[])
+
+    def _close(self, text: str | None = None, stop: str = "eos") -> list[dict[str, Any]]:
+        """Finish the open item (with the message's full text when the parser gave it)."""
+        if self.open is None:
+            return []
+        kind, index, item = self.open.kind, self.open.index, self.open.item
+        self.open = None
+        item["status"] = "completed" if stop in ("end", "call", "return") else "incomplete"
+        ids = {"item_id": item["id"], "output_index": index}
+        if kind == "function_call":
+            item["arguments"] = item["arguments"] if text is None else text
+            self.call_names[item["call_id"]] = item["name"]
+            return [self.event("response.function_call_arguments.done", **ids,
+                               name=item["name"], arguments=item["arguments"]),
+                    self.event("response.output_item.done", output_index=index, item=copy.deepcopy(item))]
+        part = item["content"][0]
+        part["text"] = part["text"] if text is None else text
+        if kind == "reasoning":
+            if self.request.include_reasoning:
+                item["encrypted_content"] = encode_reasoning(part["text"])
+            done = self.event("response.reasoning_text.done", **ids, content_index=0, text=part["text"])
+        else:
+            done = self.event("response.output_text.done", **ids, content_index=0,
+                              text=part["text"], logprobs=[])
+        return [done,
+                self.event("response.content_part.done", **ids, content_index=0, part=dict(part)),
+                self.event("response.output_item.done", output_index=index, item=copy.deepcopy(item))]
+
+    def finish(self, result: GenerationResult) -> list[dict[str, Any]]:
+        out = self._close()
+        stats = result.stats
+        tokens = len(result.tokens)
+        self.response["usage"] = {
+            "input_tokens": stats.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": stats.cached_tokens, "cache_write_tokens": 0},
+            "output_tokens": tokens,
+            "output_tokens_details": {"reasoning_tokens":
+                                      reasoning_token_count(self.state.tokenizer, result.tokens)},
+            "total_tokens": stats.prompt_tokens + tokens,
+        }
+        if result.stop == "length":
+            self.response["status"] = "incomplete"
+            self.response["incomplete_details"] = {"reason": "max_output_tokens"}
+            terminal = "response.incomplete"
+        else:
+            self.response["status"] = "completed"
+            terminal = "response.completed"
+        if self.request.store:
+            history = self.request.plan.prompt.history + list(result.messages)
+            self.state.store.put(StoredResponse(self.snapshot(), history,
+                                                {**self.request.call_names, **self.call_names}))
+        return out + [self.event(terminal, response=self.snapshot())]
+
+    def fail(self, error: APIError) -> list[dict[str, Any]]:
+        out = self._close()
+        self.response["status"] = "failed"
+        self.response["error"] = {"code": error.code or "server_error", "message": error.message}
+        return out + [self.event("response.failed", response=self.snapshot())]
+
+
+def as_api_error(error: BaseException) -> APIError:
+    """What a client is told about a failed generation (never a traceback)."""
+    if isinstance(error, APIError):
+        return error
+    from ..errors import GptOssError
+
+    if isinstance(error, GptOssError):
+        return APIError(400, str(error), code="invalid_prompt")
+    return APIError(500, "the generation failed on the server (see its log)", type="server_error",
+                    code="server_error")
+
+
+async def run_events(state: ServerState, request: ResponsesRequest, http_request: Any
+                     ) -> AsyncIterator[dict[str, Any]]:
+    """The whole event sequence of one response (started now: 429 raises before any event)."""
+    stream = state.worker.start(request.plan.ids, **request.plan.options)
+    builder = ResponseBuilder(state, request)
+    return _events(builder, stream, http_request)
+
+
+async def _events(builder: ResponseBuilder, stream, http_request) -> AsyncIterator[dict[str, Any]]:
+    for event in builder.start():
+        yield event
+    result = None
+    try:
+        async for event in guarded(http_request, stream, stream.events()):
+            if isinstance(event, GenerationResult):
+                result = event
+            else:
+                for out in builder.feed(event):
+                    yield out
+    except Exception as e:  # noqa: BLE001 - reported to this client as response.failed
+        for out in builder.fail(as_api_error(e)):
+            yield out
+        return
+    if result is None:  # cancelled: the client is gone
+        for out in builder.fail(APIError(499, "the request was cancelled", code="cancelled")):
+            yield out
+        return
+    for out in builder.finish(result):
+        yield out
