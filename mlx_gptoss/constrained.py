@@ -148,6 +148,7 @@ def compile_schema(tokenizer: HarmonyTokenizer, schema: Any, what: str = "respon
 # --------------------------------------------------------------------------- the mask in MLX
 
 _BIT_SHIFTS = mx.arange(32, dtype=mx.uint32)
+mx.eval(_BIT_SHIFTS)  # now: a lazy array made in one thread cannot be evaluated in another
 
 
 @mx.compile

@@ -14,7 +14,7 @@ import json
 import logging
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -45,7 +45,14 @@ def create_app(model: Any, tokenizer: Any, *, served_name: str | None = None,
     state = ServerState(model, tokenizer, worker, served_name, api_key=api_key,
                         max_body_bytes=int(max_body_mb * 2**20), created=int(time.time()),
                         store=responses.ResponseStore())
-    app = FastAPI(title="mlx-gptoss", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        worker.close()
+
+    app = FastAPI(title="mlx-gptoss", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=lifespan)
     app.state.server = state
     _install_error_handlers(app)
 
@@ -105,10 +112,6 @@ def create_app(model: Any, tokenizer: Any, *, served_name: str | None = None,
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
-
-    @app.on_event("shutdown")
-    def _close() -> None:
-        worker.close()
 
     return app
 

@@ -414,12 +414,12 @@ def function_name(recipient: str) -> str:
 
 
 def reasoning_token_count(tokenizer: HarmonyTokenizer, tokens: list[int]) -> int:
-    """Generated tokens spent inside analysis messages (re-parsed: events carry no ids)."""
+    """Generated text tokens of analysis messages (re-parsed: events carry no ids)."""
     parser = StreamParser(tokenizer, Role.ASSISTANT)
     count = 0
     for token in tokens:
         if parser.current_channel == "analysis" and parser.current_recipient is None \
-                and parser.state.name == "CONTENT":
+                and parser.state.name == "CONTENT" and not tokenizer.is_special(token):
             count += 1
         parser.feed(token)
     return count

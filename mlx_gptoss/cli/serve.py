@@ -1,0 +1,51 @@
+"""`mlx-gptoss serve`: the OpenAI-compatible server (Responses and Chat Completions)."""
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import typer
+
+from ..errors import GptOssError
+from .generate import DTYPE, model_option
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def serve(
+    model: str = model_option(),
+    host: str = typer.Option("127.0.0.1", "--host",
+                             help="Address to bind (loopback by default; 0.0.0.0 exposes it)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port (0: any free one)."),
+    served_model_name: Optional[str] = typer.Option(
+        None, "--served-model-name", help="Model id clients use (default: the model directory's name)."),
+    api_key: Optional[str] = typer.Option(
+        None, "--api-key", envvar="MLX_GPTOSS_API_KEY",
+        help="Require 'Authorization: Bearer KEY' on /v1 routes."),
+    max_concurrency: int = typer.Option(1, "--max-concurrency", min=1,
+                                        help="Requests decoding at once."),
+    max_queue: int = typer.Option(16, "--max-queue", min=0,
+                                  help="Requests that may wait beyond those; past that, 429."),
+    max_body_mb: float = typer.Option(16.0, "--max-body-mb", min=0.001,
+                                      help="Largest request body; past that, 413."),
+    dtype: Optional[str] = DTYPE,
+) -> None:
+    """Serve a model over OpenAI's Responses and Chat Completions APIs."""
+    from ..hub import load
+    from ..server import create_app
+    from ..server import serve as run
+
+    net, tokenizer = load(model, dtype)
+    app = create_app(net, tokenizer, served_name=served_model_name, api_key=api_key,
+                     max_concurrency=max_concurrency, max_queue=max_queue, max_body_mb=max_body_mb)
+    if host not in LOOPBACK and api_key is None:
+        print(f"warning: serving on {host} without --api-key: anyone who can reach it can use it",
+              file=sys.stderr)
+    try:
+        run(app, host, port, on_ready=lambda url: print(url, flush=True))
+    except OSError as e:  # the port is taken, the address does not exist, ...
+        raise GptOssError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve)
