@@ -1,10 +1,10 @@
 """The one place the server touches the model: admission, a bounded queue, cancellation.
 
-Every generation runs in its own thread (MLX and the generation loop are synchronous) and hands
-its harmony events to the request's asyncio task through a queue. `Worker.start` admits a
-request or refuses it at once with 429 (`--max-concurrency` decoding plus `--max-queue`
-waiting); a started request that is cancelled (its client went away) stops within one token,
-also while it still waits for a slot, and its row is freed.
+Generations run on long-lived generation threads (MLX and the generation loop are
+synchronous) and hand their harmony events to the request's asyncio task through a queue.
+`Worker.start` admits a request or refuses it at once with 429 (`--max-concurrency` decoding
+plus `--max-queue` waiting); a cancelled request (its client went away) stops within one token,
+or leaves the queue if it was still waiting, and its row is freed.
 
 Backend: `stream_generate` over one shared `PromptCache` (so a conversation's next turn, or a
 `previous_response_id` continuation, prefills only what is new), one request decoding at a time
@@ -41,40 +41,6 @@ class JobRecord:
     result: GenerationResult | None
 
 
-class Slots:
-    """A FIFO counting semaphore whose waiters give up when their request is cancelled."""
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.busy = 0
-        self.waiting: deque[object] = deque()
-        self.cond = threading.Condition()
-
-    def acquire(self, cancelled: threading.Event) -> bool:
-        me = object()
-        with self.cond:
-            self.waiting.append(me)
-            try:
-                while not cancelled.is_set() and (self.busy >= self.capacity or self.waiting[0] is not me):
-                    self.cond.wait()
-                if cancelled.is_set():
-                    return False
-                self.busy += 1
-                return True
-            finally:
-                self.waiting.remove(me)
-                self.cond.notify_all()
-
-    def release(self) -> None:
-        with self.cond:
-            self.busy -= 1
-            self.cond.notify_all()
-
-    def wake(self) -> None:
-        with self.cond:
-            self.cond.notify_all()
-
-
 class Stream:
     """One request's generation, seen from its asyncio task: iterate it, or `cancel()` it."""
 
@@ -92,9 +58,9 @@ class Stream:
             self.cancelled.set()
 
     def cancel(self) -> None:
-        if not self.cancelled.is_set():
-            self.cancelled.set()
-            self.worker.slots.wake()
+        """Stop the generation within one token; a request still waiting leaves the queue."""
+        self.cancelled.set()
+        self.worker.cancel_waiting(self)
 
     async def events(self) -> AsyncIterator[Any]:
         """The harmony events, then the `GenerationResult`; the generation's error re-raised."""
@@ -111,21 +77,33 @@ class Stream:
 
 
 class Worker:
-    """Admits requests and runs their generations (see the module docstring)."""
+    """Admits requests and runs their generations (see the module docstring).
+
+    Generations run on long-lived threads (one without the engine, `max_concurrency` with it)
+    that take jobs in arrival order: MLX arrays are tied to the thread whose stream made them,
+    so a thread per request could not reuse the prompt cache of the one before.
+    """
 
     def __init__(self, model, tokenizer, *, max_concurrency: int = 1, max_queue: int = 16,
                  engine: Any = None):
         self.model = model
         self.tokenizer = tokenizer
         self.engine = engine
-        # Without the engine one request decodes at a time, whatever --max-concurrency says.
-        self.slots = Slots(max_concurrency if engine is not None else 1)
         self.capacity = max_concurrency + max_queue
         self.admitted = 0
-        self._admission = threading.Lock()
+        self._lock = threading.Lock()
+        self._waiting: deque[tuple[Stream, list[int], dict[str, Any]]] = deque()
+        self._ready = threading.Condition(self._lock)
+        self._closed = False
         self.cache = None if engine is not None else PromptCache.for_model(model, sliding_slack=CALL_SLACK)
         self.records: deque[JobRecord] = deque(maxlen=256)
         self.finished = threading.Condition()
+        # Without the engine one request decodes at a time, whatever --max-concurrency says.
+        threads = max_concurrency if engine is not None else 1
+        self._threads = [threading.Thread(target=self._loop, daemon=True, name=f"mlx-gptoss-generation-{i}")
+                         for i in range(threads)]
+        for thread in self._threads:
+            thread.start()
 
     def _generate(self, prompt: list[int], options: dict[str, Any]) -> Iterator[Any]:
         if self.engine is not None:
@@ -133,50 +111,68 @@ class Worker:
         return stream_generate(self.model, self.tokenizer, prompt, prompt_cache=self.cache, **options)
 
     def start(self, prompt: list[int], **options: Any) -> Stream:
-        """Admit and start a generation of `prompt` (token ids) with `stream_generate`'s
+        """Admit and queue a generation of `prompt` (token ids) with `stream_generate`'s
         keywords, or raise 429 when the queue is full."""
-        with self._admission:
+        stream = Stream(self, asyncio.get_running_loop())
+        with self._lock:
             if self.admitted >= self.capacity:
                 raise APIError(429, "the server is busy (its request queue is full); retry later",
                                type="rate_limit_exceeded", code="rate_limit_exceeded")
             self.admitted += 1
-        stream = Stream(self, asyncio.get_running_loop())
-        threading.Thread(target=self._run, args=(stream, prompt, options), daemon=True,
-                         name="mlx-gptoss-generation").start()
+            self._waiting.append((stream, prompt, options))
+            self._ready.notify()
         return stream
+
+    def cancel_waiting(self, stream: Stream) -> None:
+        with self._lock:
+            job = next((j for j in self._waiting if j[0] is stream), None)
+            if job is None:
+                return
+            self._waiting.remove(job)
+            self.admitted -= 1
+        self._record(stream, job[1], 0, None, None)
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._waiting and not self._closed:
+                    self._ready.wait()
+                if self._closed:
+                    return
+                stream, prompt, options = self._waiting.popleft()
+            self._run(stream, prompt, options)
 
     def _run(self, stream: Stream, prompt: list[int], options: dict[str, Any]) -> None:
         events, result, error = 0, None, None
         try:
-            if self.slots.acquire(stream.cancelled):
-                try:
-                    generation = self._generate(prompt, options)
-                    try:
-                        for event in generation:
-                            if stream.cancelled.is_set():
-                                break
-                            events += 1
-                            if isinstance(event, GenerationResult):
-                                result = event
-                            stream.push(event)
-                    finally:
-                        generation.close()  # frees the row (and leaves the cache consistent) now
-                finally:
-                    self.slots.release()
-        except BaseException as e:  # reported to this request only
+            generation = self._generate(prompt, options)
+            try:
+                for event in generation:
+                    if stream.cancelled.is_set():
+                        break
+                    events += 1
+                    if isinstance(event, GenerationResult):
+                        result = event
+                    stream.push(event)
+            finally:
+                generation.close()  # frees the row (and leaves the cache consistent) now
+        except Exception as e:  # reported to this request only
             error = f"{type(e).__name__}: {e}"
-            if not isinstance(e, Exception) or type(e).__module__.split(".")[0] != "mlx_gptoss":
+            if type(e).__module__.split(".")[0] != "mlx_gptoss":
                 log.exception("generation failed")
             stream.push(e)
         finally:
-            with self._admission:
+            with self._lock:
                 self.admitted -= 1
-            stream.push(_END)
-            with self.finished:
-                self.records.append(JobRecord(len(prompt), events, stream.cancelled.is_set(),
-                                              error, result))
-                self.finished.notify_all()
-            stream.done.set()
+            self._record(stream, prompt, events, error, result)
+
+    def _record(self, stream: Stream, prompt: list[int], events: int, error: str | None,
+                result: GenerationResult | None) -> None:
+        stream.push(_END)
+        with self.finished:
+            self.records.append(JobRecord(len(prompt), events, stream.cancelled.is_set(), error, result))
+            self.finished.notify_all()
+        stream.done.set()
 
     def wait_for_record(self, predicate: Callable[[JobRecord], bool], timeout: float) -> JobRecord | None:
         """The first finished generation matching `predicate`, waiting up to `timeout` s."""
@@ -191,5 +187,8 @@ class Worker:
             return found[0] if found else None
 
     def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._ready.notify_all()
         if self.engine is not None and hasattr(self.engine, "close"):
             self.engine.close()
