@@ -195,10 +195,10 @@ def _value_bytes(value: Any) -> int:
     if isinstance(value, dict):
         inner = sum(len(json.dumps(k, ensure_ascii=False).encode()) + 1 + _value_bytes(v)
                     for k, v in value.items())
-        return 2 + inner + max(len(value) - 1, 0) + (4 * len(value) + 1) * WHITESPACE_MAX
+        return 2 + inner + max(len(value) - 1, 0) + max(4 * len(value), 1) * WHITESPACE_MAX
     if isinstance(value, list):
         inner = sum(_value_bytes(v) for v in value)
-        return 2 + inner + max(len(value) - 1, 0) + (2 * len(value) + 1) * WHITESPACE_MAX
+        return 2 + inner + max(len(value) - 1, 0) + max(2 * len(value), 1) * WHITESPACE_MAX
     return len(json.dumps(value, ensure_ascii=False).encode())
 
 
@@ -291,7 +291,7 @@ class _LengthBound:
         item = self.of(schema.get("items", True)) if most else 0
         if item is None:
             return None
-        return 2 + most * item + max(most - 1, 0) + (2 * most + 1) * WHITESPACE_MAX
+        return 2 + most * item + max(most - 1, 0) + max(2 * most, 1) * WHITESPACE_MAX
 
     def object(self, schema: dict) -> int | None:
         if schema.get("additionalProperties", True) is not False or "patternProperties" in schema:
@@ -302,7 +302,7 @@ class _LengthBound:
             return None
         keys = sum(len(json.dumps(k, ensure_ascii=False).encode()) + 1 for k in properties)
         count = len(properties)
-        return 2 + keys + sum(values) + max(count - 1, 0) + (4 * count + 1) * WHITESPACE_MAX
+        return 2 + keys + sum(values) + max(count - 1, 0) + max(4 * count, 1) * WHITESPACE_MAX
 
 
 # --------------------------------------------------------------------------- the constraint
@@ -515,8 +515,9 @@ class ConstrainedLogitsProcessor:
         self.parser = parser
         self.base = len(parser.tokens)  # read before generation: the prompt's open message
         self.first_message = len(parser.messages)
-        self.message: int | None = None  # index (in parser.messages) of the open message
-        self.kind: str | None = None  # its opening's kind, if the constraint opened it
+        self.message: int | None = None  # index (in parser.messages) of the followed message
+        self.newest = len(parser.messages) - 1  # the newest message index followed so far
+        self.kind: str | None = None  # its kind: "analysis", "final", "call" or None
         self.matcher: llguidance.LLMatcher | None = None
         self.end_token = self.tok.return_
         self.consumed = 0  # parser.tokens[:consumed] went to the matcher
@@ -536,9 +537,7 @@ class ConstrainedLogitsProcessor:
         True means the text is still complete, schema-valid JSON."""
         if self.bound is not None:
             self._sync()
-        if self.matcher is None:
-            return self.completed
-        return self._only_end_left()
+        return self.completed if self.matcher is None else self._only_end_left()
 
     def __call__(self, tokens: Sequence[int] | mx.array, logits: mx.array) -> mx.array:
         if self.bound is None:
@@ -569,46 +568,61 @@ class ConstrainedLogitsProcessor:
             self._sync()
 
     def _sync(self) -> None:
-        """Catch up with the parser: feed the open message's new content to the matcher; note
-        a message that closed or opened."""
+        """Catch up with the parser: close the tracked message if it ended, open the newest
+        one if it is new, feed the open JSON body's new tokens to the matcher. Tokens normally
+        come one at a time; after several, only the newest message is followed."""
         p = self.parser
-        is_open = p.state is State.CONTENT and len(p.messages) == self.message
+        open_index = len(p.messages) if p.state is State.CONTENT else None
+        if self.message is not None and self.message != open_index:
+            last_closed = open_index is None and self.message == len(p.messages) - 1
+            self._finish(p, p.content_stop if last_closed else None)
+        newest = len(p.messages) if open_index is not None else len(p.messages) - 1
+        if newest > self.newest:
+            self._open(p, newest, is_open=open_index is not None)
         if self.matcher is not None:
-            stop = len(p.tokens) if is_open else p.content_stop
-            for token in p.tokens[self.consumed:stop]:
-                if not self.matcher.consume_token(token):
-                    raise SchemaError(
-                        f"token {token} ({self.tok.decode([token])!r}) breaks the JSON Schema "
-                        f"constraint; was it sampled from unmasked logits? ({self.matcher.get_error()})")
-            self.consumed = stop
-            if not is_open:
-                ended = stop < len(p.tokens) and p.tokens[stop] == self.end_token
-                self.completed = (ended and self.matcher.is_accepting()) or self._only_end_left()
-                self.matcher = None
-        if p.state is State.CONTENT and not is_open:
-            self._open(p)
-        elif p.state is not State.CONTENT:
-            self.message = self.kind = None
+            self._consume(p.tokens[self.consumed:])
 
-    def _open(self, p: StreamParser) -> None:
-        self.message = len(p.messages)
-        self.kind = self._kind_of(p)
-        self.matcher = None
-        if p.current_role is not Role.ASSISTANT:
-            return
-        found = self.constraint.schema_for(p.current_channel, p.current_recipient,
-                                           p.current_content_type)
-        if found is not None:
+    def _open(self, p: StreamParser, index: int, is_open: bool) -> None:
+        """Follow message `index`: the open one, or (catching up) one that already closed."""
+        self.newest = index
+        self.message = index
+        header = p.header if is_open else p.messages[index]
+        role = header.author.role
+        self.kind = None
+        if role is Role.ASSISTANT:
+            self.kind = "call" if header.recipient else (
+                header.channel if header.channel in ("analysis", "final") else None)
+        found = None if role is not Role.ASSISTANT else self.constraint.schema_for(
+            header.channel, header.recipient, header.content_type)
+        if found is None:
+            self.matcher = None
+        else:
             compiled, self.end_token = found
             self.matcher = compiled.matcher()
             self.consumed = p.content_start
             self.completed = False
-            self._sync()
+        if not is_open:
+            self._finish(p, p.content_stop)
 
-    def _kind_of(self, p: StreamParser) -> str | None:
-        if p.current_role is not Role.ASSISTANT or p.current_recipient is not None:
-            return "call" if p.current_recipient else None
-        return p.current_channel if p.current_channel in ("analysis", "final") else None
+    def _finish(self, p: StreamParser, stop: int | None) -> None:
+        """The followed message closed at `p.tokens[stop]` (None: where is no longer known)."""
+        if self.matcher is not None:
+            if stop is None:
+                self.completed = False
+            else:
+                self._consume(p.tokens[self.consumed:stop])
+                ended = stop < len(p.tokens) and p.tokens[stop] == self.end_token
+                self.completed = (ended and self.matcher.is_accepting()) or self._only_end_left()
+        self.matcher = None
+        self.message = self.kind = None
+
+    def _consume(self, tokens: Sequence[int]) -> None:
+        for token in tokens:
+            if not self.matcher.consume_token(token):
+                raise SchemaError(
+                    f"token {token} ({self.tok.decode([token])!r}) breaks the JSON Schema "
+                    f"constraint; was it sampled from unmasked logits? ({self.matcher.get_error()})")
+        self.consumed += len(tokens)
 
     # ----------------------------------------------------------------- masks
 
@@ -627,7 +641,7 @@ class ConstrainedLogitsProcessor:
         self.matcher.unsafe_compute_mask_ptr(self.words.ctypes.data, self.words.nbytes)
         words = self.words.view(np.uint32)
         ret = self.tok.return_
-        return int(np.count_nonzero(words)) == 1 and words[ret // 32] == np.uint32(1 << (ret % 32))
+        return int(np.count_nonzero(words)) == 1 and int(words[ret // 32]) == 1 << (ret % 32)
 
     def _swap_end_token(self) -> None:
         """The matcher ends with its EOS (`<|return|>`); a tool call must end with `<|call|>`."""
