@@ -376,8 +376,9 @@ def feed_all(processor, tokens, logits):
     return outputs
 
 
-def test_analysis_and_unconstrained_calls_stay_free(tok):
-    constraint = JsonSchemaConstraint.from_schema(tok, {"type": "integer"}, tools=[WEATHER])
+def test_without_structure_analysis_and_unconstrained_calls_stay_free(tok):
+    constraint = JsonSchemaConstraint.from_schema(tok, {"type": "integer"}, tools=[WEATHER],
+                                                  structure=False)
     logits = mx.random.normal((VOCAB,))
     for header in ([tok.channel] + tok.encode("analysis") + [tok.message] + tok.encode("hmm {"),
                    call_header(tok, "functions.get_weather", constrain=False) + tok.encode("x"),
