@@ -25,7 +25,7 @@ from .convert import (
     function_name,
     item_kind,
     reasoning_token_count,
-    tool_choice_target,
+    tool_choice_of,
 )
 from .generation import Plan, ServerState, guarded, plan_generation
 from .protocol import bad_request, get, get_number, get_positive_int
@@ -41,14 +41,14 @@ def parse_request(state: ServerState, body: dict[str, Any]) -> tuple[Plan, dict[
     reader = HistoryReader()
     reader.chat_messages(body.get("messages"))
     functions = chat_tools(body.get("tools"))
-    mode, names = tool_choice_target(body.get("tool_choice"), functions)
+    choice = tool_choice_of(body.get("tool_choice"), functions)
     schema, name = chat_response_format(get(body, "response_format", "object", "", None))
     prompt = Prompt(history=reader.history, instructions=reader.instructions,
-                    functions=[] if mode == "none" else functions,
+                    functions=[] if choice == "none" else functions,
                     effort=clamp_effort(body.get("reasoning_effort"), "reasoning_effort"),
                     response_schema=schema, response_name=name)
     max_tokens = get_positive_int(body, "max_completion_tokens", "") or get_positive_int(body, "max_tokens", "")
-    plan = plan_generation(state, prompt, tool_mode=mode, call_names=names,
+    plan = plan_generation(state, prompt, tool_choice=choice,
                            temperature=get_number(body, "temperature", "", 0, 2),
                            top_p=get_number(body, "top_p", "", 0, 1),
                            seed=get(body, "seed", "integer", ""), max_tokens=max_tokens,

@@ -173,34 +173,25 @@ def _check_unique(functions: list[ToolDescription]) -> None:
         seen.add(tool.name)
 
 
-def tool_choice_target(choice: Any, functions: list[ToolDescription], param: str = "tool_choice"
-                       ) -> tuple[str, list[str]]:
-    """("auto" | "none" | "required", the function names a required call may use).
+def tool_choice_of(choice: Any, functions: list[ToolDescription], param: str = "tool_choice") -> Any:
+    """The request's `tool_choice` in the constraint's terms: "auto", "none", "required" or
+    `{"type": "function", "name": X}` (Chat's `{"function": {"name": X}}` included).
 
-    A named function (`{"type": "function", "name": X}`, or Chat's `{"function": {"name": X}}`)
-    is "required" with one name. `allowed_tools` restricts the names and keeps its mode."""
-    names = [t.name for t in functions]
-    if choice is None or choice == "auto":
-        return "auto", names
-    if choice in ("none", "required"):
-        if choice == "required" and not names:
+    `allowed_tools` (and kinds the server does not serve) are accepted and mean "auto"."""
+    if choice is None or choice in ("auto", "none", "required"):
+        choice = choice or "auto"
+        if choice == "required" and not functions:
             raise bad_request("tool_choice 'required' needs at least one function tool", param)
-        return choice, names
+        return choice
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        name = choice.get("name") or (choice.get("function") or {}).get("name")
+        if name not in [t.name for t in functions]:
+            raise bad_request(f"tool_choice names function {name!r}, which is not in 'tools'",
+                              param, "invalid_value")
+        return {"type": "function", "name": name}
     if isinstance(choice, dict):
-        kind = choice.get("type")
-        if kind == "function":
-            name = choice.get("name") or (choice.get("function") or {}).get("name")
-            if name not in names:
-                raise bad_request(f"tool_choice names function {name!r}, which is not in 'tools'",
-                                  param, "invalid_value")
-            return "required", [name]
-        if kind == "allowed_tools":
-            allowed = [t.get("name") for t in choice.get("tools", []) if isinstance(t, dict)]
-            allowed = [n for n in allowed if n in names] or names
-            mode = choice.get("mode", "auto")
-            return ("required" if mode == "required" and allowed else "auto"), allowed
-        log.warning("tool_choice of type %r is not served; using auto", kind)
-        return "auto", names
+        log.warning("tool_choice of type %r is not enforced; using auto", choice.get("type"))
+        return "auto"
     raise bad_request(f"'{param}' must be 'auto', 'none', 'required' or an object, got {choice!r}",
                       param, "invalid_value")
 

@@ -2,9 +2,10 @@
 
 `plan_generation` turns a `Prompt` and the request's knobs into the token ids and the
 `stream_generate` keywords: sampling, the output limit (the rest of the context unless the
-client sets one), and the logits processors that make guarantees — a JSON Schema on the final
-answer and on function arguments, and a forced call header for `tool_choice` "required" or a
-named function. Everything a client can get wrong fails here, before anything is admitted.
+client sets one), and the constraint that makes the guarantees (`JsonSchemaConstraint`): a JSON
+Schema on the final answer only (the analysis stays free, within a budget that leaves room for
+the answer), valid arguments for every function call, and a call for `tool_choice` "required"
+or a named function. Everything a client can get wrong fails here, before anything is admitted.
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ from ..harmony import HarmonyTokenizer, Role, render_conversation_for_completion
 from ..sampling import SamplingParams
 from .convert import RENDER_CONFIG, Prompt
 from .protocol import APIError, bad_request
-from .tool_choice import ForcedCallHeader
 from .worker import Worker
 
 DEFAULT_CONTEXT = 131072
@@ -61,8 +61,8 @@ class Plan:
     max_tokens: int
 
 
-def plan_generation(state: ServerState, prompt: Prompt, *, tool_mode: str = "auto",
-                    call_names: list[str] = (), temperature: float | None = None,
+def plan_generation(state: ServerState, prompt: Prompt, *, tool_choice: Any = "auto",
+                    temperature: float | None = None,
                     top_p: float | None = None, seed: int | None = None,
                     max_tokens: int | None = None, schema_param: str = "text.format") -> Plan:
     """Render `prompt` and build the generation keywords (see the module docstring)."""
@@ -76,19 +76,17 @@ def plan_generation(state: ServerState, prompt: Prompt, *, tool_mode: str = "aut
         raise bad_request(f"the prompt has {len(ids)} tokens; the context holds "
                           f"{state.context_length}", "input", "context_length_exceeded")
     limit = room if max_tokens is None else min(max_tokens, room)
-    try:
-        constraint = None
-        if prompt.response_schema is not None or prompt.functions:
-            constraint = JsonSchemaConstraint.from_schema(tok, prompt.response_schema,
-                                                          tools=prompt.functions)
-    except SchemaError as e:
-        param = schema_param if prompt.response_schema is not None and "response format" in str(e) else "tools"
-        raise bad_request(str(e), param, "invalid_json_schema") from None
+    functions = [] if tool_choice == "none" else prompt.functions
     processors: list[Any] = []
-    if tool_mode == "required":
-        processors.append(ForcedCallHeader(tok, list(call_names)))
-    if constraint is not None:
-        processors.append(constraint.processor(ids))
+    if prompt.response_schema is not None or functions:
+        try:
+            constraint = JsonSchemaConstraint.from_schema(
+                tok, prompt.response_schema, tools=functions,
+                tool_choice="auto" if tool_choice == "none" else tool_choice)
+        except SchemaError as e:
+            param = schema_param if "response format" in str(e) else "tools"
+            raise bad_request(str(e), param, "invalid_json_schema") from None
+        processors.append(constraint.processor(ids, max_tokens=limit))
     base = getattr(state.model, "sampling_defaults", None) or SamplingParams()
     try:
         sampling = base.with_overrides(temperature=temperature, top_p=top_p, seed=seed)

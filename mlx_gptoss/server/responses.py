@@ -35,7 +35,7 @@ from .convert import (
     item_kind,
     reasoning_token_count,
     responses_tools,
-    tool_choice_target,
+    tool_choice_of,
 )
 from .generation import Plan, ServerState, guarded, plan_generation
 from .protocol import APIError, bad_request, get, get_number, get_positive_int
@@ -113,19 +113,19 @@ def parse_request(state: ServerState, body: dict[str, Any]) -> ResponsesRequest:
     instructions = get(body, "instructions", "string", "")
     reasoning = get(body, "reasoning", "object", "", {})
     functions, builtins = responses_tools(body.get("tools"), state.builtins)
-    mode, names = tool_choice_target(body.get("tool_choice"), functions)
+    choice = tool_choice_of(body.get("tool_choice"), functions)
     schema, schema_name = response_format(get(body, "text", "object", "", {}))
     include = get(body, "include", "array", "", [])
     prompt = Prompt(history=reader.history,
                     instructions=[instructions] + reader.instructions if instructions else reader.instructions,
-                    functions=[] if mode == "none" else functions,
+                    functions=[] if choice == "none" else functions,
                     effort=clamp_effort(reasoning.get("effort"), "reasoning.effort"),
                     response_schema=schema, response_name=schema_name, python="python" in builtins)
     max_output = get_positive_int(body, "max_output_tokens", "")
     temperature = get_number(body, "temperature", "", 0, 2)
     top_p = get_number(body, "top_p", "", 0, 1)
     seed = get(body, "seed", "integer", "")
-    plan = plan_generation(state, prompt, tool_mode=mode, call_names=names,
+    plan = plan_generation(state, prompt, tool_choice=choice,
                            temperature=temperature, top_p=top_p, seed=seed,
                            max_tokens=max_output)
     sampling = plan.options["sampling"]
