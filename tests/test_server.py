@@ -434,3 +434,20 @@ def test_reasoning_round_trip_encoding():
     text = "think \u00e9\u4e2d <|end|>"
     assert decode_reasoning(encode_reasoning(text)) == text
     assert decode_reasoning("gAAAA-someone-elses") is None and decode_reasoning("mlxgptoss.v1:%%") is None
+
+
+def test_serve_command_binds_loopback_and_prints_its_url(chat_checkpoint):
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-c", "from mlx_gptoss.cli import main; main()", "serve",
+               "--model", str(chat_checkpoint),
+               "--port", "0", "--dtype", "float32", "--served-model-name", NAME]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = process.stdout.readline().strip()  # printed once it listens
+        assert url.startswith("http://127.0.0.1:"), process.stderr.read() if not url else url
+        assert httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"] == NAME
+    finally:
+        process.terminate()
+        process.wait(30)
