@@ -451,3 +451,31 @@ def test_serve_command_binds_loopback_and_prints_its_url(chat_checkpoint):
     finally:
         process.terminate()
         process.wait(30)
+
+
+def test_builtin_python_runs_on_the_server_when_enabled(tok):
+    model = scripted("<|channel|>analysis to=python code<|message|>print(6 * 7)<|call|>",
+                     "<|channel|>final<|message|>It is 42.<|return|>")
+    tools = [{"type": "code_interpreter", "container": {"type": "auto"}}]
+    with serve(model, tok, python=True) as (url, _):
+        with client(url).responses.stream(model=NAME, input="6*7?", tools=tools) as stream:
+            types = [e.type for e in stream]
+            response = stream.get_final_response()
+    call, answer = response.output
+    assert call.type == "code_interpreter_call" and call.code == "print(6 * 7)"
+    assert call.outputs[0].logs.strip() == "42" and call.status == "completed"
+    assert answer.content[0].text == "It is 42." and response.status == "completed"
+    assert types.index("response.code_interpreter_call.interpreting") < types.index("response.code_interpreter_call.completed")
+    assert "# Tools\n\n## python" in tok.decode(model.contexts[0])
+    assert "<|start|>python to=assistant<|channel|>analysis<|message|>42" in tok.decode(model.contexts[-1])
+    assert response.usage.output_tokens == sum(len(harmony(s)) for s in (
+        "<|channel|>analysis to=python code<|message|>print(6 * 7)<|call|>",
+        "<|channel|>final<|message|>It is 42.<|return|>"))
+
+
+def test_builtin_python_is_off_unless_enabled(tok):
+    model = scripted(GREETING)
+    tools = [{"type": "code_interpreter", "container": {"type": "auto"}}]
+    with serve(model, tok) as (url, _):
+        assert client(url).responses.create(model=NAME, input="Hi", tools=tools).status == "completed"
+    assert "## python" not in tok.decode(model.contexts[0])

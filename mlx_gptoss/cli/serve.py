@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from ..errors import GptOssError
-from .generate import DTYPE, model_option
+from .generate import DTYPE, PYTHON, model_option
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -28,6 +28,7 @@ def serve(
                                   help="Requests that may wait beyond those; past that, 429."),
     max_body_mb: float = typer.Option(16.0, "--max-body-mb", min=0.001,
                                       help="Largest request body; past that, 413."),
+    python: bool = PYTHON,
     dtype: Optional[str] = DTYPE,
 ) -> None:
     """Serve a model over OpenAI's Responses and Chat Completions APIs."""
@@ -37,7 +38,7 @@ def serve(
 
     net, tokenizer = load(model, dtype)
     app = create_app(net, tokenizer, served_name=served_model_name, api_key=api_key,
-                     max_concurrency=max_concurrency, max_queue=max_queue, max_body_mb=max_body_mb)
+                     max_concurrency=max_concurrency, max_queue=max_queue, max_body_mb=max_body_mb, python=python)
     if host not in LOOPBACK and api_key is None:
         print(f"warning: serving on {host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)

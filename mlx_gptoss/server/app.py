@@ -35,8 +35,11 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 def create_app(model: Any, tokenizer: Any, *, served_name: str | None = None,
                api_key: str | None = None, max_concurrency: int = 1, max_queue: int = 16,
-               max_body_mb: float = DEFAULT_MAX_BODY_MB, engine: Any = None) -> FastAPI:
-    """An OpenAI-compatible app serving `model` (see the module docstring)."""
+               max_body_mb: float = DEFAULT_MAX_BODY_MB, python: bool = False,
+               engine: Any = None) -> FastAPI:
+    """An OpenAI-compatible app serving `model` (see the module docstring). `python`: offer the
+    built-in python tool to requests with a `code_interpreter` tool, run by the server in a
+    separate, resource-limited process (not a security sandbox)."""
     if served_name is None:
         model_dir = getattr(model, "model_dir", None)
         served_name = Path(model_dir).name if model_dir else "gpt-oss"
@@ -44,7 +47,9 @@ def create_app(model: Any, tokenizer: Any, *, served_name: str | None = None,
                     engine=engine)
     state = ServerState(model, tokenizer, worker, served_name, api_key=api_key,
                         max_body_bytes=int(max_body_mb * 2**20), created=int(time.time()),
-                        store=responses.ResponseStore())
+                        store=responses.ResponseStore(),
+                        builtins=frozenset({"python"} if python else ()),
+                        python_factory=_python_tool if python else None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -114,6 +119,12 @@ def create_app(model: Any, tokenizer: Any, *, served_name: str | None = None,
         return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
 
     return app
+
+
+def _python_tool():
+    from ..tools.python import PythonTool
+
+    return PythonTool()
 
 
 def model_card(state: ServerState) -> dict[str, Any]:

@@ -131,8 +131,7 @@ class ChatBuilder:
 
     def _start(self, channel: str | None, recipient: str | None) -> list[dict[str, Any]]:
         self.kind = item_kind(channel, recipient)
-        if self.kind in ("function_call", "builtin_call"):
-            self.kind = "function_call"
+        if self.kind == "function_call":
             call = {"index": len(self.tool_calls), "id": f"call_{secrets.token_hex(12)}",
                     "type": "function", "function": {"name": function_name(recipient), "arguments": ""}}
             self.tool_calls.append(call)

@@ -333,6 +333,10 @@ class HistoryReader:
             self.history.append(function_call(name, json.dumps(payload)))
         elif kind in ("function_call_output", "custom_tool_call_output", "local_shell_call_output"):
             self._tool_output(item.get("call_id"), item.get("output"), param)
+        elif kind == "code_interpreter_call" and isinstance(item.get("code"), str):
+            self.history.append(python_call(item["code"]))
+            logs = [o.get("logs", "") for o in item.get("outputs") or [] if isinstance(o, dict)]
+            self.history.append(python_result("".join(logs)))
         else:  # web_search_call, code_interpreter_call, compaction, item_reference, ...
             log.warning("input item %s of type %r is not rendered", param, kind)
 
@@ -392,12 +396,24 @@ def _is_parts(value: Any) -> bool:
 # --------------------------------------------------------------------------- model output
 
 
-def item_kind(channel: str | None, recipient: str | None) -> str:
-    """What a harmony message from the model becomes: "reasoning", "message", "function_call"
-    or "builtin_call". A call counts on any channel (the model also calls from analysis)."""
+def item_kind(channel: str | None, recipient: str | None, python: bool = False) -> str:
+    """What a harmony message from the model becomes: "reasoning", "message", "function_call",
+    or "python_call" (the built-in tool, when it is enabled). A call counts on any channel (the
+    model also calls from analysis); a call to a tool nobody declared is a function call."""
     if recipient:
-        return "function_call" if recipient.startswith(NAMESPACE + ".") else "builtin_call"
+        if python and recipient.split(".")[0] == "python":
+            return "python_call"
+        return "function_call"
     return "reasoning" if channel == "analysis" else "message"
+
+
+def python_call(code: str) -> Message:
+    """A call to the built-in python tool, as the model writes it (analysis, content type code)."""
+    return Message(Author(Role.ASSISTANT), [TextContent(code)], "analysis", "python", "code")
+
+
+def python_result(output: str, channel: str | None = "analysis") -> Message:
+    return Message(Author(Role.TOOL, "python"), [TextContent(output)], channel or "analysis", "assistant")
 
 
 def function_name(recipient: str) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from ..constrained import JsonSchemaConstraint
 from ..errors import GptOssError, HarmonyError, SchemaError
@@ -38,7 +38,7 @@ class ServerState:
     max_body_bytes: int = 16 * 2**20
     created: int = 0
     store: Any = None  # responses.ResponseStore
-    python_tool: Any = None
+    python_factory: Callable[[], Any] | None = None  # a fresh built-in python session per response
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -17,11 +17,12 @@ over, as OpenAI documents. The store is an in-memory LRU.
 """
 from __future__ import annotations
 
+import asyncio
 import copy
 import secrets
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator
 
 from ..generate import GenerationResult
@@ -33,6 +34,7 @@ from .convert import (
     encode_reasoning,
     function_name,
     item_kind,
+    python_result,
     reasoning_token_count,
     responses_tools,
     tool_choice_of,
@@ -41,6 +43,8 @@ from .generation import Plan, ServerState, guarded, plan_generation
 from .protocol import APIError, bad_request, get, get_number, get_positive_int
 
 STORE_CAPACITY = 1024
+MAX_TOOL_ROUNDS = 8  # built-in tool calls per response
+PYTHON_CONTAINER = "mlx-gptoss-python"  # the code_interpreter_call's container: the server's worker
 
 
 def new_id(prefix: str) -> str:
@@ -94,6 +98,11 @@ class ResponsesRequest:
     include_reasoning: bool
     base: dict[str, Any]  # the response object's fixed fields
     call_names: dict[str, str]
+    knobs: dict[str, Any]  # plan_generation's keywords, for the rounds after a built-in tool ran
+
+    def replan(self, state: ServerState, history: list[Message], max_tokens: int) -> Plan:
+        prompt = replace(self.plan.prompt, history=history)
+        return plan_generation(state, prompt, **self.knobs, max_tokens=max_tokens)
 
 
 def parse_request(state: ServerState, body: dict[str, Any]) -> ResponsesRequest:
@@ -125,9 +134,8 @@ def parse_request(state: ServerState, body: dict[str, Any]) -> ResponsesRequest:
     temperature = get_number(body, "temperature", "", 0, 2)
     top_p = get_number(body, "top_p", "", 0, 1)
     seed = get(body, "seed", "integer", "")
-    plan = plan_generation(state, prompt, tool_choice=choice,
-                           temperature=temperature, top_p=top_p, seed=seed,
-                           max_tokens=max_output)
+    knobs = {"tool_choice": choice, "temperature": temperature, "top_p": top_p, "seed": seed}
+    plan = plan_generation(state, prompt, **knobs, max_tokens=max_output)
     sampling = plan.options["sampling"]
     base = {
         "object": "response", "model": state.served_name, "error": None,
@@ -143,7 +151,7 @@ def parse_request(state: ServerState, body: dict[str, Any]) -> ResponsesRequest:
         "truncation": "disabled", "background": False, "usage": None,
     }
     return ResponsesRequest(plan, get(body, "stream", "boolean", "", False), base["store"],
-                            "reasoning.encrypted_content" in include, base, reader.call_names)
+                            "reasoning.encrypted_content" in include, base, reader.call_names, knobs)
 
 
 def response_format(text: dict[str, Any]) -> tuple[Any, str | None]:
@@ -183,7 +191,10 @@ class ResponseBuilder:
                          "status": "in_progress", **copy.deepcopy(request.base), "output": []}
         self.sequence = 0
         self.open: OpenItem | None = None
+        self.running: OpenItem | None = None  # a python call whose output is awaited
         self.call_names: dict[str, str] = {}
+        self.usage = {"input": 0, "cached": 0, "output": 0, "reasoning": 0}
+        self.history = list(request.plan.prompt.history)  # grows with built-in tool rounds
 
     def event(self, kind: str, **fields: Any) -> dict[str, Any]:
         out = {"type": kind, "sequence_number": self.sequence, **fields}
@@ -209,8 +220,16 @@ class ResponseBuilder:
         return []
 
     def _open(self, channel: str | None, recipient: str | None) -> list[dict[str, Any]]:
-        kind = item_kind(channel, recipient)
+        kind = item_kind(channel, recipient, self.request.plan.prompt.python)
         index = len(self.response["output"])
+        if kind == "python_call":
+            item = {"id": new_id("ci"), "type": "code_interpreter_call", "code": "",
+                    "container_id": PYTHON_CONTAINER, "outputs": None, "status": "in_progress"}
+            self.response["output"].append(item)
+            self.open = OpenItem(kind, index, item)
+            return [self.event("response.output_item.added", output_index=index, item=copy.deepcopy(item)),
+                    self.event("response.code_interpreter_call.in_progress", item_id=item["id"],
+                               output_index=index)]
         if kind == "reasoning":
             item = {"id": new_id("rs"), "type": "reasoning", "summary": [], "content": [],
                     "status": "in_progress"}
@@ -236,6 +255,10 @@ class ResponseBuilder:
 
     def _delta(self, text: str) -> dict[str, Any]:
         item, index = self.open.item, self.open.index
+        if self.open.kind == "python_call":
+            item["code"] += text
+            return self.event("response.code_interpreter_call_code.delta", item_id=item["id"],
+                              output_index=index, delta=text)
         if self.open.kind == "function_call":
             item["arguments"] += text
             return self.event("response.function_call_arguments.delta", item_id=item["id"],
@@ -252,9 +275,20 @@ class ResponseBuilder:
         if self.open is None:
             return []
         kind, index, item = self.open.kind, self.open.index, self.open.item
+        ids = {"item_id": item["id"], "output_index": index}
+        if kind == "python_call" and self.running is None:  # the code is complete: run it
+            item["code"] = item["code"] if text is None else text
+            if stop == "call":
+                self.running = self.open
+                item["status"] = "interpreting"
+                return [self.event("response.code_interpreter_call_code.done", **ids, code=item["code"]),
+                        self.event("response.code_interpreter_call.interpreting", **ids)]
         self.open = None
         item["status"] = "completed" if stop in ("end", "call", "return") else "incomplete"
-        ids = {"item_id": item["id"], "output_index": index}
+        if kind == "python_call":
+            self.running = None
+            return [self.event("response.code_interpreter_call.completed", **ids),
+                    self.event("response.output_item.done", output_index=index, item=copy.deepcopy(item))]
         if kind == "function_call":
             item["arguments"] = item["arguments"] if text is None else text
             self.call_names[item["call_id"]] = item["name"]
@@ -274,17 +308,27 @@ class ResponseBuilder:
                 self.event("response.content_part.done", **ids, content_index=0, part=dict(part)),
                 self.event("response.output_item.done", output_index=index, item=copy.deepcopy(item))]
 
+    def python_output(self, output: str) -> list[dict[str, Any]]:
+        """The built-in python tool ran the open call: its logs close the item."""
+        self.running.item["outputs"] = [{"type": "logs", "logs": output}]
+        return self._close(None, "call")
+
+    def count(self, result: GenerationResult) -> None:
+        """Add one generation round's tokens to the usage."""
+        self.usage["input"] += result.stats.prompt_tokens
+        self.usage["cached"] += result.stats.cached_tokens
+        self.usage["output"] += len(result.tokens)
+        self.usage["reasoning"] += reasoning_token_count(self.state.tokenizer, result.tokens)
+
     def finish(self, result: GenerationResult) -> list[dict[str, Any]]:
         out = self._close()
-        stats = result.stats
-        tokens = len(result.tokens)
+        used = self.usage
         self.response["usage"] = {
-            "input_tokens": stats.prompt_tokens,
-            "input_tokens_details": {"cached_tokens": stats.cached_tokens, "cache_write_tokens": 0},
-            "output_tokens": tokens,
-            "output_tokens_details": {"reasoning_tokens":
-                                      reasoning_token_count(self.state.tokenizer, result.tokens)},
-            "total_tokens": stats.prompt_tokens + tokens,
+            "input_tokens": used["input"],
+            "input_tokens_details": {"cached_tokens": used["cached"], "cache_write_tokens": 0},
+            "output_tokens": used["output"],
+            "output_tokens_details": {"reasoning_tokens": used["reasoning"]},
+            "total_tokens": used["input"] + used["output"],
         }
         if result.stop == "length":
             self.response["status"] = "incomplete"
@@ -294,7 +338,7 @@ class ResponseBuilder:
             self.response["status"] = "completed"
             terminal = "response.completed"
         if self.request.store:
-            history = self.request.plan.prompt.history + list(result.messages)
+            history = self.history + list(result.messages)
             self.state.store.put(StoredResponse(self.snapshot(), history,
                                                 {**self.request.call_names, **self.call_names}))
         return out + [self.event(terminal, response=self.snapshot())]
@@ -322,28 +366,49 @@ async def run_events(state: ServerState, request: ResponsesRequest, http_request
                      ) -> AsyncIterator[dict[str, Any]]:
     """The whole event sequence of one response (started now: 429 raises before any event)."""
     stream = state.worker.start(request.plan.ids, **request.plan.options)
-    builder = ResponseBuilder(state, request)
-    return _events(builder, stream, http_request)
+    return _events(state, ResponseBuilder(state, request), stream, http_request)
 
 
-async def _events(builder: ResponseBuilder, stream, http_request) -> AsyncIterator[dict[str, Any]]:
+async def _events(state: ServerState, builder: ResponseBuilder, stream, http_request
+                  ) -> AsyncIterator[dict[str, Any]]:
+    """Stream a generation's events; while it ends in a call to the built-in python tool, run
+    the code, add both to the history and generate again (at most `MAX_TOOL_ROUNDS`)."""
     for event in builder.start():
         yield event
-    result = None
+    request, python, rounds = builder.request, None, 0
     try:
-        async for event in guarded(http_request, stream, stream.events()):
-            if isinstance(event, GenerationResult):
-                result = event
-            else:
-                for out in builder.feed(event):
+        while True:
+            result = None
+            async for event in guarded(http_request, stream, stream.events()):
+                if isinstance(event, GenerationResult):
+                    result = event
+                else:
+                    for out in builder.feed(event):
+                        yield out
+            if result is None:  # cancelled: the client is gone
+                for out in builder.fail(APIError(499, "the request was cancelled", code="cancelled")):
                     yield out
+                return
+            builder.count(result)
+            left = request.plan.max_tokens - builder.usage["output"]
+            if builder.running is None or rounds >= MAX_TOOL_ROUNDS or left < 1:
+                break
+            rounds += 1
+            if python is None:
+                python = state.python_factory()
+            output = await asyncio.to_thread(python.run, builder.running.item["code"])
+            for out in builder.python_output(output):
+                yield out
+            call = result.messages[-1]
+            builder.history += [*result.messages, python_result(output, call.channel)]
+            plan = request.replan(state, builder.history, left)
+            stream = state.worker.start(plan.ids, admitted=True, **plan.options)
     except Exception as e:  # noqa: BLE001 - reported to this client as response.failed
         for out in builder.fail(as_api_error(e)):
             yield out
         return
-    if result is None:  # cancelled: the client is gone
-        for out in builder.fail(APIError(499, "the request was cancelled", code="cancelled")):
-            yield out
-        return
+    finally:
+        if python is not None:
+            python.close()
     for out in builder.finish(result):
         yield out

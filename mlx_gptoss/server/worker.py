@@ -110,12 +110,13 @@ class Worker:
             return self.engine.stream_generate(prompt, **options)
         return stream_generate(self.model, self.tokenizer, prompt, prompt_cache=self.cache, **options)
 
-    def start(self, prompt: list[int], **options: Any) -> Stream:
+    def start(self, prompt: list[int], *, admitted: bool = False, **options: Any) -> Stream:
         """Admit and queue a generation of `prompt` (token ids) with `stream_generate`'s
-        keywords, or raise 429 when the queue is full."""
+        keywords, or raise 429 when the queue is full. `admitted`: the next round of a request
+        already being answered (after a built-in tool ran), never refused."""
         stream = Stream(self, asyncio.get_running_loop())
         with self._lock:
-            if self.admitted >= self.capacity:
+            if self.admitted >= self.capacity and not admitted:
                 raise APIError(429, "the server is busy (its request queue is full); retry later",
                                type="rate_limit_exceeded", code="rate_limit_exceeded")
             self.admitted += 1
