@@ -479,3 +479,47 @@ def test_builtin_python_is_off_unless_enabled(tok):
     with serve(model, tok) as (url, _):
         assert client(url).responses.create(model=NAME, input="Hi", tools=tools).status == "completed"
     assert "## python" not in tok.decode(model.contexts[0])
+
+
+class ExplodingModel(RecordingModel):
+    """Fails (as a bug would) whenever the prompt mentions "boom"."""
+
+    def __init__(self, responses, tokenizer):
+        super().__init__(responses)
+        self.trigger = tokenizer.encode(" boom")
+
+    def __call__(self, inputs, cache=None, **options):
+        ids = inputs[0].tolist()
+        if any(ids[i:i + len(self.trigger)] == self.trigger for i in range(len(ids))):
+            raise RuntimeError("the model broke")
+        return super().__call__(inputs, cache=cache, **options)
+
+
+def test_one_failed_generation_never_affects_another(tok):
+    model = ExplodingModel([harmony(GREETING)], tok)
+    with serve(model, tok) as (url, _):
+        api = client(url)
+        with api.responses.stream(model=NAME, input="go boom") as stream:
+            events = list(stream)
+        assert events[-1].type == "response.failed" and events[-1].response.error.code == "server_error"
+        assert "Traceback" not in events[-1].response.error.message
+        with pytest.raises(openai.InternalServerError):
+            api.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "go boom"}])
+        chunks = sse_events(url, {"messages": [{"role": "user", "content": "go boom"}], "stream": True},
+                            "/v1/chat/completions")
+        assert chunks[-1]["error"]["code"] == "server_error"
+        fine = api.responses.create(model=NAME, input="Hi", tools=[
+            WEATHER, {"type": "custom", "name": "apply_patch"}, {"type": "namespace", "name": "ns", "tools": []}])
+    assert fine.output_text.endswith("Hello there!")
+
+
+def test_chat_stop_strings_end_the_answer(tok):
+    with serve(scripted(GREETING), tok) as (url, _):
+        api = client(url)
+        whole = api.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}],
+                                            stop=["there"])
+        chunks = list(api.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}],
+                                                  stop="ere!", stream=True))
+    assert whole.choices[0].message.content == "Let me answer.\n\nHello "
+    assert whole.choices[0].finish_reason == "stop"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Let me answer.\n\nHello th"

@@ -28,6 +28,7 @@ from typing import Any, AsyncIterator
 from ..generate import GenerationResult
 from ..harmony import Message, MessageEnd, MessageStart, TextDelta
 from .convert import (
+    BUILTIN_TOOL_TYPES,
     HistoryReader,
     Prompt,
     clamp_effort,
@@ -143,7 +144,7 @@ def parse_request(state: ServerState, body: dict[str, Any]) -> ResponsesRequest:
         "metadata": get(body, "metadata", "object", "", {}),
         "parallel_tool_calls": get(body, "parallel_tool_calls", "boolean", "", True),
         "temperature": sampling.temperature, "top_p": sampling.top_p,
-        "tool_choice": body.get("tool_choice") or "auto", "tools": body.get("tools") or [],
+        "tool_choice": body.get("tool_choice") or "auto", "tools": echoed_tools(body.get("tools"), functions, builtins),
         "max_output_tokens": max_output, "previous_response_id": previous_id,
         "reasoning": {"effort": prompt.effort, "summary": None},
         "store": get(body, "store", "boolean", "", True),
@@ -152,6 +153,20 @@ def parse_request(state: ServerState, body: dict[str, Any]) -> ResponsesRequest:
     }
     return ResponsesRequest(plan, get(body, "stream", "boolean", "", False), base["store"],
                             "reasoning.encrypted_content" in include, base, reader.call_names, knobs)
+
+
+def echoed_tools(tools: list | None, functions: list, builtins: set[str]) -> list[dict[str, Any]]:
+    """The tools the response used: the functions (namespaces expanded) and the enabled
+    built-ins; tools left out of the prompt are left out here too (and cannot trip a client's
+    validation of the echo)."""
+    out: list[dict[str, Any]] = [
+        {"type": "function", "name": f.name, "description": f.description or None,
+         "parameters": f.parameters or {"type": "object", "properties": {}}, "strict": False}
+        for f in functions]
+    for tool in tools or []:
+        if isinstance(tool, dict) and BUILTIN_TOOL_TYPES.get(tool.get("type")) in builtins:
+            out.append({"container": {"type": "auto"}, **tool})
+    return out
 
 
 def response_format(text: dict[str, Any]) -> tuple[Any, str | None]:
