@@ -201,16 +201,24 @@ def test_stored_responses_continue_get_and_delete(tok):
         assert unknown.value.body["param"] == "previous_response_id"
 
 
-def test_model_format_slips_become_function_calls(tok):
-    """A call on the analysis channel and `to=` before `<|channel|>`, then a message that ends
-    without its stop token: recovered by the lenient parser, never a 500."""
-    slip = ("<|channel|>analysis to=functions.get_weather <|constrain|>json<|message|>"
-            "{\"city\": \"Rome\"}<|call|>")
+@pytest.mark.parametrize("slip", [
+    # a call on the analysis channel
+    "<|channel|>analysis to=functions.get_weather <|constrain|>json<|message|>{\"city\": \"Rome\"}<|call|>",
+    # `to=` before `<|channel|>`, and a bare function name
+    " to=get_weather<|channel|>commentary json<|message|>{\"city\": \"Rome\"}<|call|>",
+    # a call closed by <|return|> instead of <|call|>
+    "<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{\"city\": \"Rome\"}<|return|>",
+])
+def test_model_format_slips_become_function_calls(tok, slip):
+    """Departures trained models make, recovered by the lenient parser, never a 500. (No
+    tools in the request: with them the argument constraint would force `<|call|>` itself.)"""
     with serve(scripted(slip), tok) as (url, _):
-        response = client(url).responses.create(model=NAME, input="Rome?", tools=[WEATHER])
+        response = client(url).responses.create(model=NAME, input="Rome?")
+        chat = client(url).chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Rome?"}])
     call = response.output[-1]
     assert call.type == "function_call" and call.name == "get_weather"
     assert json.loads(call.arguments) == {"city": "Rome"}
+    assert chat.choices[0].message.tool_calls[0].function.name == "get_weather"
 
 
 def test_user_text_is_never_a_control_token(tok):

@@ -87,6 +87,8 @@ def plan_generation(state: ServerState, prompt: Prompt, *, tool_choice: Any = "a
             param = schema_param if "response format" in str(e) else "tools"
             raise bad_request(str(e), param, "invalid_json_schema") from None
         processors.append(constraint.processor(ids, max_tokens=limit))
+    if seed is not None and not 0 <= seed < 2**64:
+        raise bad_request(f"'seed' must be in [0, 2**64), got {seed}", "seed", "invalid_value")
     base = getattr(state.model, "sampling_defaults", None) or SamplingParams()
     try:
         sampling = base.with_overrides(temperature=temperature, top_p=top_p, seed=seed)
