@@ -25,6 +25,7 @@ from .convert import (
     function_name,
     item_kind,
     reasoning_token_count,
+    response_schema,
     tool_choice_of,
 )
 from .generation import Plan, ServerState, guarded, plan_generation
@@ -42,7 +43,8 @@ def parse_request(state: ServerState, body: dict[str, Any]) -> tuple[Plan, dict[
     reader.chat_messages(body.get("messages"))
     functions = chat_tools(body.get("tools"))
     choice = tool_choice_of(body.get("tool_choice"), functions)
-    schema, name = chat_response_format(get(body, "response_format", "object", "", None))
+    schema, name = response_schema(get(body, "response_format", "object", ""), "response_format",
+                                   nested=True)
     prompt = Prompt(history=reader.history, instructions=reader.instructions,
                     functions=[] if choice == "none" else functions,
                     effort=clamp_effort(body.get("reasoning_effort"), "reasoning_effort"),
@@ -61,22 +63,6 @@ def parse_request(state: ServerState, body: dict[str, Any]) -> tuple[Plan, dict[
     knobs = {"stream": get(body, "stream", "boolean", "", False), "stop": stop,
              "include_usage": bool(options.get("include_usage"))}
     return plan, knobs
-
-
-def chat_response_format(fmt: dict[str, Any] | None) -> tuple[Any, str | None]:
-    if fmt is None or fmt.get("type", "text") == "text":
-        return None, None
-    if fmt.get("type") == "json_object":
-        return {"type": "object"}, "json_object"
-    if fmt.get("type") == "json_schema":
-        spec = get(fmt, "json_schema", "object", "response_format", required=True)
-        schema = spec.get("schema", {})
-        if not isinstance(schema, (dict, bool)):
-            raise bad_request("'response_format.json_schema.schema' must be a JSON Schema object",
-                              "response_format.json_schema.schema", "invalid_type")
-        return schema, get(spec, "name", "string", "response_format.json_schema")
-    raise bad_request(f"'response_format.type' must be text, json_object or json_schema, got "
-                      f"{fmt.get('type')!r}", "response_format.type", "invalid_value")
 
 
 class StopMatcher:

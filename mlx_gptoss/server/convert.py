@@ -79,6 +79,25 @@ class Prompt:
         return out + self.history
 
 
+def response_schema(fmt: dict[str, Any] | None, param: str, nested: bool) -> tuple[Any, str | None]:
+    """(schema, name) from a response format, or (None, None) for plain text. Responses puts
+    `name`/`schema` in `text.format` itself; Chat nests them under `json_schema`."""
+    if fmt is None or fmt.get("type", "text") == "text":
+        return None, None
+    if fmt.get("type") == "json_object":
+        return {"type": "object"}, "json_object"
+    if fmt.get("type") == "json_schema":
+        where = f"{param}.json_schema" if nested else param
+        spec = get(fmt, "json_schema", "object", param, required=True) if nested else fmt
+        schema = spec.get("schema", {} if nested else None)
+        if not isinstance(schema, (dict, bool)):
+            raise bad_request(f"'{where}.schema' must be a JSON Schema object", f"{where}.schema",
+                              "invalid_type")
+        return schema, get(spec, "name", "string", where)
+    raise bad_request(f"'{param}.type' must be text, json_object or json_schema, got "
+                      f"{fmt.get('type')!r}", f"{param}.type", "invalid_value")
+
+
 def clamp_effort(value: Any, param: str) -> str:
     """An API effort as gpt-oss's: none/minimal -> low, xhigh/max -> high."""
     if value is None:
@@ -281,6 +300,22 @@ class HistoryReader:
         texts = content_text(output, f"{param}.output", ("input_text", "output_text", "text"))
         self.history.append(tool_result(name, "".join(texts)))
 
+    @staticmethod
+    def _role_and_texts(message: dict, param: str) -> tuple[str, list[str]]:
+        role = get(message, "role", "string", param, required=True)
+        kinds = ("input_text", "output_text", "text", "refusal")
+        return role, content_text(message.get("content"), f"{param}.content", kinds)
+
+    def _plain(self, role: str, texts: list[str]) -> bool:
+        """Add a system, developer or user message; False for other roles."""
+        if role in ("system", "developer"):
+            self._instruction(texts)
+        elif role == "user":
+            self.history.append(Message(Author(Role.USER), [TextContent(t) for t in texts]))
+        else:
+            return False
+        return True
+
     # ------------------------------------------------------------- Responses input items
 
     def responses_input(self, value: Any) -> None:
@@ -297,17 +332,11 @@ class HistoryReader:
             raise bad_request(f"'{param}' must be an object", param, "invalid_type")
         kind = item.get("type", "message" if "role" in item else None)
         if kind == "message":
-            role = get(item, "role", "string", param, required=True)
-            kinds = ("input_text", "output_text", "text", "refusal")
-            texts = content_text(item.get("content"), f"{param}.content", kinds)
-            if role in ("system", "developer"):
-                self._instruction(texts)
-            elif role == "user":
-                self.history.append(Message(Author(Role.USER), [TextContent(t) for t in texts]))
-            elif role == "assistant":
+            role, texts = self._role_and_texts(item, param)
+            if role == "assistant":
                 channel = "commentary" if item.get("phase") == "commentary" else "final"
                 self.history.append(assistant("".join(texts), channel))
-            else:
+            elif not self._plain(role, texts):
                 raise bad_request(f"'{param}.role' must be user, assistant, system or developer, "
                                   f"got {role!r}", f"{param}.role", "invalid_value")
         elif kind == "reasoning":
@@ -351,14 +380,10 @@ class HistoryReader:
     def chat_message(self, message: Any, param: str) -> None:
         if not isinstance(message, dict):
             raise bad_request(f"'{param}' must be an object", param, "invalid_type")
-        role = get(message, "role", "string", param, required=True)
-        kinds = ("text", "input_text", "output_text", "refusal")
-        texts = content_text(message.get("content"), f"{param}.content", kinds)
-        if role in ("system", "developer"):
-            self._instruction(texts)
-        elif role == "user":
-            self.history.append(Message(Author(Role.USER), [TextContent(t) for t in texts]))
-        elif role == "assistant":
+        role, texts = self._role_and_texts(message, param)
+        if self._plain(role, texts):
+            return
+        if role == "assistant":
             reasoning = message.get("reasoning", message.get("reasoning_content"))
             if isinstance(reasoning, str) and reasoning:
                 self.history.append(assistant(reasoning, "analysis"))

@@ -37,6 +37,7 @@ from .convert import (
     item_kind,
     python_result,
     reasoning_token_count,
+    response_schema,
     responses_tools,
     tool_choice_of,
 )
@@ -124,7 +125,8 @@ def parse_request(state: ServerState, body: dict[str, Any]) -> ResponsesRequest:
     reasoning = get(body, "reasoning", "object", "", {})
     functions, builtins = responses_tools(body.get("tools"), state.builtins)
     choice = tool_choice_of(body.get("tool_choice"), functions)
-    schema, schema_name = response_format(get(body, "text", "object", "", {}))
+    text_format = get(get(body, "text", "object", "", {}), "format", "object", "text")
+    schema, schema_name = response_schema(text_format, "text.format", nested=False)
     include = get(body, "include", "array", "", [])
     prompt = Prompt(history=reader.history,
                     instructions=[instructions] + reader.instructions if instructions else reader.instructions,
@@ -167,23 +169,6 @@ def echoed_tools(tools: list | None, functions: list, builtins: set[str]) -> lis
         if isinstance(tool, dict) and BUILTIN_TOOL_TYPES.get(tool.get("type")) in builtins:
             out.append({"container": {"type": "auto"}, **tool})
     return out
-
-
-def response_format(text: dict[str, Any]) -> tuple[Any, str | None]:
-    """(schema, name) from Responses' flat `text.format`; (None, None) for plain text."""
-    fmt = get(text, "format", "object", "text")
-    if fmt is None or fmt.get("type", "text") == "text":
-        return None, None
-    if fmt.get("type") == "json_object":
-        return {"type": "object"}, "json_object"
-    if fmt.get("type") == "json_schema":
-        schema = fmt.get("schema")
-        if not isinstance(schema, (dict, bool)):
-            raise bad_request("'text.format.schema' must be a JSON Schema object",
-                              "text.format.schema", "invalid_type")
-        return schema, get(fmt, "name", "string", "text.format")
-    raise bad_request(f"'text.format.type' must be text, json_object or json_schema, got "
-                      f"{fmt.get('type')!r}", "text.format.type", "invalid_value")
 
 
 # --------------------------------------------------------------------------- the builder
