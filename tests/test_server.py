@@ -422,17 +422,25 @@ def test_api_key_is_required_when_set(tok):
 
 def test_full_queue_is_429_and_disconnect_cancels(chat_model):
     model, tok = chat_model
-    with serve(model, tok, max_concurrency=1, max_queue=0) as (url, state):
+    with serve(model, tok, max_concurrency=1, max_queue=1) as (url, state):
         long = {"model": NAME, "input": "Go on forever.", "max_output_tokens": 100000, "stream": True}
-        with httpx.stream("POST", url + "/v1/responses", json=long, timeout=120) as response:
-            lines = response.iter_lines()
+        with httpx.stream("POST", url + "/v1/responses", json=long, timeout=120) as running:
+            lines = running.iter_lines()  # held: closing the iterator would close the connection
             for line in lines:  # the generation is running: its first delta arrived
                 if "output_text.delta" in line or "reasoning_text.delta" in line:
                     break
-            with pytest.raises(openai.RateLimitError):
-                client(url).responses.create(model=NAME, input="Me too", max_output_tokens=2)
-        # the client went away: its row is cancelled long before 100000 tokens
-        record = state.worker.wait_for_record(lambda r: r.cancelled, timeout=60)
+            with httpx.stream("POST", url + "/v1/responses", json={**long, "input": "Wait"},
+                              timeout=120) as waiting:
+                queued_lines = waiting.iter_lines()
+                assert next(queued_lines) == "event: response.created"  # queued, not refused
+                with pytest.raises(openai.RateLimitError):
+                    client(url).responses.create(model=NAME, input="Me too", max_output_tokens=2)
+                assert not state.worker.records  # both still there
+            # the queued client went away: it leaves the queue without generating anything
+            queued = state.worker.wait_for_record(lambda r: r.cancelled, timeout=60)
+            assert queued is not None and queued.events == 0 and state.worker.admitted == 1
+        # the running client went away: its row is cancelled long before 100000 tokens
+        record = state.worker.wait_for_record(lambda r: r.cancelled and r.events > 0, timeout=60)
         assert record is not None and record.result is None and record.events < 5000
         ok = client(url).responses.create(model=NAME, input="Now me", max_output_tokens=2)
     assert ok.status == "incomplete" and ok.usage.output_tokens == 2
@@ -444,6 +452,7 @@ def test_reasoning_round_trip_encoding():
     assert decode_reasoning("gAAAA-someone-elses") is None and decode_reasoning("mlxgptoss.v1:%%") is None
 
 
+@pytest.mark.slow
 def test_serve_command_binds_loopback_and_prints_its_url(chat_checkpoint):
     import subprocess
     import sys
