@@ -401,6 +401,11 @@ def test_errors_are_openai_bodies_and_the_server_stays_up(tok):
         for body, param in bad:
             answer = post(body)
             assert answer.status_code == 400 and answer.json()["error"]["param"] == param, answer.text
+        plain = httpx.post(url + "/v1/responses", content=b'{"input": "Hi"}',
+                           headers={"content-type": "text/plain"})  # what a cross-origin page can send
+        assert plain.status_code == 415 and plain.json()["error"]["code"] == "unsupported_media_type"
+        rebound = httpx.post(url + "/v1/responses", json={"input": "Hi"}, headers={"host": "evil.example"})
+        assert rebound.status_code == 400 and rebound.json()["error"]["code"] == "invalid_host"
         chat = post({"messages": [{"role": "user", "content": "x"}], "n": 2}, "/v1/chat/completions")
         assert chat.status_code == 400 and chat.json()["error"]["param"] == "n"
         with pytest.raises(openai.NotFoundError):

@@ -9,7 +9,7 @@ import typer
 from ..errors import GptOssError
 from .generate import DTYPE, PYTHON, model_option
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")  # as server.app.LOOPBACK_HOSTS (not imported: slow)
 
 
 def serve(
@@ -38,7 +38,8 @@ def serve(
 
     net, tokenizer = load(model, dtype)
     app = create_app(net, tokenizer, served_name=served_model_name, api_key=api_key,
-                     max_concurrency=max_concurrency, max_queue=max_queue, max_body_mb=max_body_mb, python=python)
+                     max_concurrency=max_concurrency, max_queue=max_queue, max_body_mb=max_body_mb,
+                     python=python, trusted_hosts=LOOPBACK if host in LOOPBACK else None)
     if host not in LOOPBACK and api_key is None:
         print(f"warning: serving on {host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)

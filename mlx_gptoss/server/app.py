@@ -30,16 +30,21 @@ from .worker import Worker
 
 log = logging.getLogger("mlx_gptoss.server")
 DEFAULT_MAX_BODY_MB = 16.0
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def create_app(model: Any, tokenizer: Any, *, served_name: str | None = None,
                api_key: str | None = None, max_concurrency: int = 1, max_queue: int = 16,
                max_body_mb: float = DEFAULT_MAX_BODY_MB, python: bool = False,
+               trusted_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS,
                engine: Any = None) -> FastAPI:
     """An OpenAI-compatible app serving `model` (see the module docstring). `python`: offer the
     built-in python tool to requests with a `code_interpreter` tool, run by the server in a
-    separate, resource-limited process (not a security sandbox)."""
+    separate, resource-limited process (not a security sandbox). `trusted_hosts`: the only
+    `Host` headers answered (None: any), so a web page cannot reach a loopback server through
+    DNS rebinding; POST bodies must be `application/json`, which a page on another origin
+    cannot send without a CORS preflight (this server answers none)."""
     if served_name is None:
         model_dir = getattr(model, "model_dir", None)
         served_name = Path(model_dir).name if model_dir else "gpt-oss"
@@ -49,7 +54,8 @@ def create_app(model: Any, tokenizer: Any, *, served_name: str | None = None,
                         max_body_bytes=int(max_body_mb * 2**20), created=int(time.time()),
                         store=responses.ResponseStore(),
                         builtins=frozenset({"python"} if python else ()),
-                        python_factory=_python_tool if python else None)
+                        python_factory=_python_tool if python else None,
+                        trusted_hosts=trusted_hosts)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -62,7 +68,8 @@ def create_app(model: Any, tokenizer: Any, *, served_name: str | None = None,
     _install_error_handlers(app)
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
+    async def health(request: Request) -> dict[str, Any]:
+        authorize(state, request, key=False)
         return {"status": "ok", "model": state.served_name}
 
     @app.get("/v1/models")
@@ -132,8 +139,15 @@ def model_card(state: ServerState) -> dict[str, Any]:
             "owned_by": "mlx-gptoss"}
 
 
-def authorize(state: ServerState, request: Request) -> None:
-    if state.api_key is None:
+def authorize(state: ServerState, request: Request, key: bool = True) -> None:
+    """Refuse untrusted Host headers, then a missing or wrong API key (when one is set)."""
+    if state.trusted_hosts is not None:
+        host = request.headers.get("host", "")
+        name = host[1:].split("]")[0] if host.startswith("[") else host.rsplit(":", 1)[0]
+        if name.lower() not in state.trusted_hosts:
+            raise bad_request(f"this server only answers requests for {', '.join(state.trusted_hosts)} "
+                              f"(Host: {host[:100]!r})", None, "invalid_host")
+    if state.api_key is None or not key:
         return
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
@@ -144,6 +158,10 @@ def authorize(state: ServerState, request: Request) -> None:
 
 async def read_json(state: ServerState, request: Request) -> dict[str, Any]:
     """The body as a JSON object, refused early when it is over the limit."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise APIError(415, f"the request body must be JSON sent as 'Content-Type: application/json' "
+                            f"(got {kind or 'none'!r})", code="unsupported_media_type")
     limit = state.max_body_bytes
     too_large = APIError(413, f"the request body is over the server's limit of {limit} bytes "
                               "(--max-body-mb)", code="request_too_large")

@@ -39,6 +39,7 @@ class ServerState:
     created: int = 0
     store: Any = None  # responses.ResponseStore
     python_factory: Callable[[], Any] | None = None  # a fresh built-in python session per response
+    trusted_hosts: tuple[str, ...] | None = None  # Host headers answered (None: any)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
