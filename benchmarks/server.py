@@ -171,7 +171,7 @@ def main() -> None:
                "servers": {}}
     for name in ["mlx-gptoss"] + (["mlx-lm"] if args.compare else []):
         results["servers"][name] = measure(name, model_dir, levels, args.tokens)
-    print(f"| server | clients | aggregate tok/s | median TTFT (s) |\n| --- | --- | --- | --- |")
+    print("| server | clients | aggregate tok/s | median TTFT (s) |\n| --- | --- | --- | --- |")
     for name, rows in results["servers"].items():
         for row in rows:
             print(f"| {name} | {row['clients']} | {row['aggregate_tps']} | {row['ttft_median_s']} |")

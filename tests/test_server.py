@@ -118,11 +118,12 @@ def test_responses_stream_follows_openai_event_order(tok):
                      and e.output_index == 2)
     assert reasoning == "The user greets me." and answer == "Hello there!"
     assert final.output[2].content[0].text == "Hello there!" and final.status == "completed"
-    # every content event sits between its item's added and done
-    for event in events:
-        if hasattr(event, "item_id") and event.type != "response.output_item.done":
-            index = types.index("response.output_item.added", 0)
-            assert index < events.index(event)
+    # every content event sits between its own item's added and done
+    for position, event in enumerate(events):
+        if getattr(event, "item_id", None) is not None:
+            k = event.output_index
+            assert events.index(added[k]) < position < events.index(done[k])
+            assert event.item_id == done[k].item.id
 
 
 def test_function_call_then_its_output_in_codex_shape(tok):
