@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -18,7 +19,7 @@ def serve(
                              help="Address to bind (loopback by default; 0.0.0.0 exposes it)."),
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port (0: any free one)."),
     served_model_name: Optional[str] = typer.Option(
-        None, "--served-model-name", help="Model id clients use (default: the model directory's name)."),
+        None, "--served-model-name", help="Model id clients use (default: the last part of --model, e.g. gpt-oss-20b)."),
     api_key: Optional[str] = typer.Option(
         None, "--api-key", envvar="MLX_GPTOSS_API_KEY",
         help="Require 'Authorization: Bearer KEY' on /v1 routes."),
@@ -37,7 +38,9 @@ def serve(
     from ..server import serve as run
 
     net, tokenizer = load(model, dtype)
-    app = create_app(net, tokenizer, served_name=served_model_name, api_key=api_key,
+    # "openai/gpt-oss-20b" and "~/models/gpt-oss-20b/" both serve as "gpt-oss-20b"
+    served = served_model_name or Path(model.rstrip("/")).name
+    app = create_app(net, tokenizer, served_name=served, api_key=api_key,
                      max_concurrency=max_concurrency, max_queue=max_queue, max_body_mb=max_body_mb,
                      python=python, trusted_hosts=LOOPBACK if host in LOOPBACK else None)
     if host not in LOOPBACK and api_key is None:
