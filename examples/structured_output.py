@@ -11,7 +11,7 @@ import sys
 
 from mlx_gptoss import Message, Role, generate, load
 from mlx_gptoss.constrained import JsonSchemaConstraint
-from mlx_gptoss.generate import developer_message, system_message
+from mlx_gptoss.prompts import developer_message, system_message
 
 schema = {
     "type": "object",

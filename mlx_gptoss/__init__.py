@@ -1,26 +1,51 @@
-"""mlx-gptoss: OpenAI's gpt-oss models on Apple's MLX."""
+"""mlx-gptoss: OpenAI's gpt-oss models on Apple's MLX.
+
+The public names resolve lazily (PEP 562): `import mlx_gptoss` costs nothing, and the command
+line can set up its process (signal handling, see `cli/interrupts.py`) before MLX, NumPy and
+their thread pools start.
+"""
 from __future__ import annotations
 
-from .chat import Chat, Reply, ToolResult
-from .errors import GptOssError
-from .generate import GenerationResult, GenerationStats, generate, stream_generate
-from .harmony import (
-    Conversation,
-    DeveloperContent,
-    Message,
-    ReasoningEffort,
-    Role,
-    SystemContent,
-    ToolDescription,
-)
-from .hub import load
-from .sampling import SamplingParams
-from .tools.functions import FunctionTool, function_tool
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "Chat", "Conversation", "DeveloperContent", "FunctionTool", "GenerationResult",
-    "GenerationStats", "GptOssError", "Message", "ReasoningEffort", "Reply", "Role",
-    "SamplingParams", "SystemContent", "ToolDescription", "ToolResult", "function_tool",
-    "generate", "load", "stream_generate",
-]
+# public name -> the module that defines it
+_EXPORTS = {
+    "Chat": "chat", "Reply": "chat", "ToolResult": "chat",
+    "GptOssError": "errors",
+    "GenerationResult": "generate", "GenerationStats": "generate", "generate": "generate",
+    "stream_generate": "generate",
+    "Conversation": "harmony", "DeveloperContent": "harmony", "Message": "harmony",
+    "ReasoningEffort": "harmony", "Role": "harmony", "SystemContent": "harmony",
+    "ToolDescription": "harmony",
+    "load": "hub",
+    "SamplingParams": "sampling",
+    "FunctionTool": "tools.functions", "function_tool": "tools.functions",
+}
+
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mlx_gptoss' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
+    from .chat import Chat, Reply, ToolResult
+    from .errors import GptOssError
+    from .generate import GenerationResult, GenerationStats, generate, stream_generate
+    from .harmony import (Conversation, DeveloperContent, Message, ReasoningEffort, Role,
+                          SystemContent, ToolDescription)
+    from .hub import load
+    from .sampling import SamplingParams
+    from .tools.functions import FunctionTool, function_tool

@@ -34,15 +34,8 @@ from typing import Any, Callable, Iterable, Iterator
 from .cache import PromptCache
 from .constrained import JsonSchemaConstraint
 from .errors import GptOssError, HarmonyError
-from .generate import (
-    DEFAULT_MAX_TOKENS,
-    GenerationResult,
-    LogitsProcessor,
-    developer_message,
-    parse_effort,
-    stream_generate,
-    system_message,
-)
+from .generate import DEFAULT_MAX_TOKENS, GenerationResult, LogitsProcessor, stream_generate
+from .prompts import developer_message, parse_effort, system_message
 from .harmony import (
     Author,
     Conversation,

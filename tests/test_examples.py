@@ -2,20 +2,17 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import ROOT, subprocess_env
 
-ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
 
 def run_example(name: str, *args, timeout: int = 180) -> str:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLX_GPTOSS_OFFLINE": "1",
-           "EXAMPLE_MAX_TOKENS": "24"}
+    env = subprocess_env(EXAMPLE_MAX_TOKENS="24")
     done = subprocess.run([sys.executable, str(EXAMPLES / name), *map(str, args)],
                           capture_output=True, text=True, env=env, timeout=timeout)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -52,7 +49,6 @@ def test_notebook_executes(chat_checkpoint, monkeypatch):
 
     monkeypatch.setenv("MLX_GPTOSS_MODEL", str(chat_checkpoint))
     monkeypatch.setenv("EXAMPLE_MAX_TOKENS", "24")
-    monkeypatch.setenv("MLX_GPTOSS_OFFLINE", "1")
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     notebook = nbformat.read(EXAMPLES / "notebook.ipynb", as_version=4)
     NotebookClient(notebook, timeout=300, kernel_name="python3",

@@ -5,7 +5,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import reference_greedy
+from helpers import reference_greedy
 from mlx_gptoss.cache import PromptCache
 from mlx_gptoss.generate import (
     GenerationResult,

@@ -6,7 +6,7 @@ import json
 
 import openai_harmony as oh
 import pytest
-from harmony_fixtures import chat_message, conversation, examples, oracle, tok, vocab_file  # noqa: F401
+from harmony_fixtures import chat_message, conversation, examples
 from hypothesis import given
 from hypothesis import strategies as st
 

@@ -7,7 +7,7 @@ import os
 import urllib.request
 
 import pytest
-from harmony_fixtures import examples, oracle, text, tok, vocab_file  # noqa: F401
+from harmony_fixtures import examples, text
 from hypothesis import given
 
 from mlx_gptoss.errors import HarmonyError, VocabularyError

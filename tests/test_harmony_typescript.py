@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import openai_harmony as oh
 import pytest
-from harmony_fixtures import examples, float_value, json_schema, json_value, oracle, tok, vocab_file  # noqa: F401
+from harmony_fixtures import examples, float_value, json_schema, json_value
 from hypothesis import given
 
 from mlx_gptoss.harmony import DeveloperContent, Message, Role, ToolDescription, render_message

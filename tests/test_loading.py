@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import edit_json
+from helpers import edit_json
 from mlx_gptoss import load
 from mlx_gptoss.config import ModelConfig, load_config
 from mlx_gptoss.errors import CheckpointError, ConfigError, GptOssError

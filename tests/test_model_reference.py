@@ -5,7 +5,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import reference_greedy, reference_logits
+from helpers import reference_greedy, reference_logits
 from mlx_gptoss.config import FULL, SLIDING
 from mlx_gptoss.loading import load_model
 from mlx_gptoss.model import prefill

@@ -36,6 +36,12 @@ def _register() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The program. `argv=None` means it runs as the process (the `mlx-gptoss` script): then it
+    also owns the process's Ctrl-C handling (`interrupts.install`)."""
+    if argv is None:
+        from . import interrupts
+
+        interrupts.install()  # first: before MLX, NumPy or BLAS start threads
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("MLX_GPTOSS_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]

@@ -13,6 +13,7 @@ from typing import Optional
 import typer
 
 from ..errors import GptOssError
+from . import interrupts
 from .generate import (DEVELOPER, DTYPE, EFFORT, EFFORTS, JSON_SCHEMA, MAX_TOKENS, MAX_TOOL_ROUNDS,
                        MIN_P, PYTHON, SEED, SHOW_REASONING, SYSTEM, TEMPERATURE, TOOLS, TOP_K,
                        TOP_P, Display, load_chat, model_option, run_turn)
@@ -29,12 +30,14 @@ HELP = """commands:
 
 
 def ask(prompt: str) -> str:
-    """input() whose prompt stays off stdout unless stdout is the terminal (readline redraws)."""
-    if sys.stdout.isatty():
-        return input(prompt)
-    sys.stderr.write(prompt)
-    sys.stderr.flush()
-    return input()
+    """input() whose prompt stays off stdout unless stdout is the terminal (readline redraws).
+    Ctrl-C reaches it as a plain signal (see `interrupts.deliverable`)."""
+    with interrupts.deliverable():
+        if sys.stdout.isatty():
+            return input(prompt)
+        sys.stderr.write(prompt)
+        sys.stderr.flush()
+        return input()
 
 
 def _ask_tool_result(call) -> str:
@@ -63,7 +66,7 @@ def command(chat, line: str) -> bool:
     elif name == "effort":
         if arg.lower() not in EFFORTS:
             raise GptOssError(f"/effort takes one of {', '.join(EFFORTS)}")
-        from ..generate import parse_effort
+        from ..prompts import parse_effort
 
         chat.reasoning_effort = parse_effort(arg)
         print(f"reasoning effort: {arg.lower()}", file=sys.stderr)
