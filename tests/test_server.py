@@ -20,6 +20,7 @@ import pydantic
 import pytest
 from scripted import ScriptedModel, harmony
 
+from mlx_gptoss.engine import Engine
 from mlx_gptoss.server import create_app, running
 from mlx_gptoss.server.convert import decode_reasoning, encode_reasoning
 
@@ -345,17 +346,32 @@ def test_max_output_tokens_gives_incomplete(chat_model):
     assert completion.choices[0].finish_reason == "length" and completion.usage.completion_tokens == 5
 
 
-def test_concurrent_clients_each_get_their_own_stream(chat_model):
+@pytest.mark.parametrize("batched", [True, False], ids=["engine", "one-at-a-time"])
+def test_concurrent_clients_each_get_their_own_stream(chat_model, batched):
     model, tok = chat_model
     prompts = ["one", "two two", "three three three"]
-    with serve(model, tok, max_concurrency=2, max_queue=4) as (url, _):
+    engine = Engine(model, tok, max_batch=2) if batched else None
+    batch_sizes: list[int] = []
+    with serve(model, tok, max_concurrency=2, max_queue=4, engine=engine) as (url, state):
         api = client(url)
 
         def answer(prompt: str) -> str:
-            response = api.responses.create(model=NAME, input=prompt, max_output_tokens=6, temperature=0)
+            response = api.responses.create(model=NAME, input=prompt, max_output_tokens=12, temperature=0)
             return json.dumps([item.model_dump() for item in response.output], sort_keys=True, default=str)
 
         alone = {p: _without_ids(answer(p)) for p in prompts}
+        if batched:  # the first two requests reach the engine together; record each decode's rows
+            together_now = threading.Barrier(2, timeout=60)
+            arrivals = iter(range(10**6))
+            add, decode = engine.add, engine._decode
+
+            def add_together(request):
+                if next(arrivals) < 2:
+                    together_now.wait()
+                return add(request)
+
+            engine.add = add_together
+            engine._decode = lambda rows: (batch_sizes.append(len(rows)), decode(rows))[1]
         together: dict[str, str] = {}
         threads = [threading.Thread(target=lambda p=p: together.__setitem__(p, _without_ids(answer(p))))
                    for p in prompts]
@@ -363,6 +379,7 @@ def test_concurrent_clients_each_get_their_own_stream(chat_model):
             thread.start()
         for thread in threads:
             thread.join(120)
+    assert not batched or max(batch_sizes) == 2  # rows of one batch, each its own stream
     assert together == alone
     assert len(set(alone.values())) == 3
 
@@ -426,9 +443,11 @@ def test_api_key_is_required_when_set(tok):
         assert httpx.get(url + "/health").status_code == 200
 
 
-def test_full_queue_is_429_and_disconnect_cancels(chat_model):
+@pytest.mark.parametrize("batched", [True, False], ids=["engine", "one-at-a-time"])
+def test_full_queue_is_429_and_disconnect_cancels(chat_model, batched):
     model, tok = chat_model
-    with serve(model, tok, max_concurrency=1, max_queue=1) as (url, state):
+    engine = Engine(model, tok, max_batch=1) if batched else None
+    with serve(model, tok, max_concurrency=1, max_queue=1, engine=engine) as (url, state):
         long = {"model": NAME, "input": "Go on forever.", "max_output_tokens": 100000, "stream": True}
         with httpx.stream("POST", url + "/v1/responses", json=long, timeout=120) as running:
             lines = running.iter_lines()  # held: closing the iterator would close the connection

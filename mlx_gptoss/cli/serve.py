@@ -33,16 +33,20 @@ def serve(
     dtype: Optional[str] = DTYPE,
 ) -> None:
     """Serve a model over OpenAI's Responses and Chat Completions APIs."""
+    from ..engine import Engine
     from ..hub import load
     from ..server import create_app
     from ..server import serve as run
 
     net, tokenizer = load(model, dtype)
+    # Several rows: the batched engine; one: the pipelined single-sequence loop (lower latency).
+    engine = Engine(net, tokenizer, max_batch=max_concurrency) if max_concurrency > 1 else None
     # "openai/gpt-oss-20b" and "~/models/gpt-oss-20b/" both serve as "gpt-oss-20b"
     served = served_model_name or Path(model.rstrip("/")).name
     app = create_app(net, tokenizer, served_name=served, api_key=api_key,
                      max_concurrency=max_concurrency, max_queue=max_queue, max_body_mb=max_body_mb,
-                     python=python, trusted_hosts=LOOPBACK if host in LOOPBACK else None)
+                     python=python, trusted_hosts=LOOPBACK if host in LOOPBACK else None,
+                     engine=engine)
     if host not in LOOPBACK and api_key is None:
         print(f"warning: serving on {host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)

@@ -44,7 +44,9 @@ def create_app(model: Any, tokenizer: Any, *, served_name: str | None = None,
     separate, resource-limited process (not a security sandbox). `trusted_hosts`: the only
     `Host` headers answered (None: any), so a web page cannot reach a loopback server through
     DNS rebinding; POST bodies must be `application/json`, which a page on another origin
-    cannot send without a CORS preflight (this server answers none)."""
+    cannot send without a CORS preflight (this server answers none). `engine`: an `Engine` to
+    decode up to `max_concurrency` requests at once (closed with the app); without one, one
+    request decodes at a time."""
     if served_name is None:
         model_dir = getattr(model, "model_dir", None)
         served_name = Path(model_dir).name if model_dir else "gpt-oss"

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from ..constrained import response_format_of
-from ..generate import developer_message, system_message
+from ..prompts import developer_message, system_message
 from ..harmony import (
     Author,
     HarmonyTokenizer,

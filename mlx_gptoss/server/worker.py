@@ -6,11 +6,12 @@ synchronous) and hand their harmony events to the request's asyncio task through
 plus `--max-queue` waiting); a cancelled request (its client went away) stops within one token,
 or leaves the queue if it was still waiting, and its row is freed.
 
-Backend: `stream_generate` over one shared `PromptCache` (so a conversation's next turn, or a
-`previous_response_id` continuation, prefills only what is new), one request decoding at a time
-and the others waiting in order. When a batched engine is given
-(`Engine.stream_generate(prompt, **same keywords)`), up to `max_concurrency` requests decode
-at once through it and the prompt-cache pool is the engine's.
+Backends: with an `Engine` (`mlx-gptoss serve --max-concurrency N`, N > 1) up to N requests
+decode at once as rows of one batch (`Engine.stream_generate`, one generation thread per row
+slot), reusing prefixes through the engine's prompt-cache pool. Without one, the pipelined
+single-sequence loop (`stream_generate`, the lowest latency for one stream) decodes one request
+at a time over one shared `PromptCache`, the others waiting in order. Either way a
+conversation's next turn, or a `previous_response_id` continuation, prefills only what is new.
 """
 from __future__ import annotations
 
@@ -21,12 +22,11 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Iterator
 
-from ..cache import PromptCache
+from ..cache import DEFAULT_SLIDING_SLACK, PromptCache
 from ..generate import GenerationResult, stream_generate
 from .protocol import APIError
 
 log = logging.getLogger("mlx_gptoss.server")
-CALL_SLACK = 128  # sliding-window keys kept past the window: a re-rendered call rewinds by trimming
 _END = object()
 
 
@@ -95,7 +95,7 @@ class Worker:
         self._waiting: deque[tuple[Stream, list[int], dict[str, Any]]] = deque()
         self._ready = threading.Condition(self._lock)
         self._closed = False
-        self.cache = None if engine is not None else PromptCache.for_model(model, sliding_slack=CALL_SLACK)
+        self.cache = None if engine is not None else PromptCache.for_model(model, sliding_slack=DEFAULT_SLIDING_SLACK)
         self.records: deque[JobRecord] = deque(maxlen=256)
         self.finished = threading.Condition()
         # Without the engine one request decodes at a time, whatever --max-concurrency says.
