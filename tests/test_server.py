@@ -547,6 +547,8 @@ def test_one_failed_generation_never_affects_another(tok):
         assert "Traceback" not in events[-1].response.error.message
         with pytest.raises(openai.InternalServerError):
             api.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "go boom"}])
+        with pytest.raises(openai.InternalServerError):
+            api.responses.create(model=NAME, input="go boom")
         chunks = sse_events(url, {"messages": [{"role": "user", "content": "go boom"}], "stream": True},
                             "/v1/chat/completions")
         assert chunks[-1]["error"]["code"] == "server_error"

@@ -97,8 +97,12 @@ def create_app(model: Any, tokenizer: Any, *, served_name: str | None = None,
         async for event in events:
             last = event
         response = last["response"]
-        if response["status"] == "failed" and response["error"]["code"] == "cancelled":
-            return JSONResponse(APIError(499, "cancelled").body(), status_code=499)
+        if response["status"] == "failed":  # not streamed: the failure is the HTTP answer
+            code, message = response["error"]["code"], response["error"]["message"]
+            status = {"cancelled": 499, "invalid_prompt": 400}.get(code, 500)
+            kind = "server_error" if status == 500 else "invalid_request_error"
+            return JSONResponse(APIError(status, message, type=kind, code=code).body(),
+                                status_code=status)
         return response
 
     @app.get("/v1/responses/{response_id}")
