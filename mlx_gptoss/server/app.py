@@ -9,6 +9,7 @@ thread (tests, benchmarks); `serve(app)` is the blocking CLI entry point.
 """
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import logging
@@ -70,22 +71,26 @@ def create_app(model: Any, tokenizer: Any, *, served_name: str | None = None,
     _install_error_handlers(app)
 
     @app.get("/health")
+    @answers_errors
     async def health(request: Request) -> dict[str, Any]:
         authorize(state, request, key=False)
         return {"status": "ok", "model": state.served_name}
 
     @app.get("/v1/models")
+    @answers_errors
     async def models(request: Request) -> dict[str, Any]:
         authorize(state, request)
         return {"object": "list", "data": [model_card(state)]}
 
     @app.get("/v1/models/{name:path}")
+    @answers_errors
     async def model_info(name: str, request: Request) -> dict[str, Any]:
         authorize(state, request)
         state.check_model(name)
         return model_card(state)
 
     @app.post("/v1/responses")
+    @answers_errors
     async def create_response(request: Request):
         authorize(state, request)
         parsed = responses.parse_request(state, await read_json(state, request))
@@ -106,17 +111,20 @@ def create_app(model: Any, tokenizer: Any, *, served_name: str | None = None,
         return response
 
     @app.get("/v1/responses/{response_id}")
+    @answers_errors
     async def get_response(response_id: str, request: Request):
         authorize(state, request)
         return state.store.get(response_id).response
 
     @app.delete("/v1/responses/{response_id}")
+    @answers_errors
     async def delete_response(response_id: str, request: Request):
         authorize(state, request)
         state.store.delete(response_id)
         return {"id": response_id, "object": "response", "deleted": True}
 
     @app.post("/v1/chat/completions")
+    @answers_errors
     async def chat(request: Request):
         authorize(state, request)
         plan, knobs = chat_completions.parse_request(state, await read_json(state, request))
@@ -191,6 +199,25 @@ async def read_json(state: ServerState, request: Request) -> dict[str, Any]:
     return body
 
 
+def answers_errors(route: Callable) -> Callable:
+    """Any other exception of a route becomes an OpenAI error body (500, logged with its
+    traceback); it never reaches Starlette's error middleware, which would drop the connection."""
+    @functools.wraps(route)
+    async def guarded_route(*args, **kwargs):
+        try:
+            return await route(*args, **kwargs)
+        except APIError:
+            raise
+        except RecursionError:  # e.g. a schema too deep to compile
+            raise bad_request("the request is nested too deeply") from None
+        except Exception:
+            log.exception("request failed")
+            raise APIError(500, "internal server error (see the server's log)",
+                           type="server_error", code="server_error") from None
+
+    return guarded_route
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError):
@@ -203,14 +230,6 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(APIError(error.status_code, message, code=code).body(),
                             status_code=error.status_code)
 
-    @app.exception_handler(Exception)
-    async def server_error(request: Request, error: Exception):
-        if isinstance(error, RecursionError):  # e.g. a schema too deep to compile
-            return JSONResponse(bad_request("the request is nested too deeply").body(), status_code=400)
-        log.exception("request failed: %s %s", request.method, request.url.path)
-        body = APIError(500, "internal server error (see the server's log)", type="server_error",
-                        code="server_error").body()
-        return JSONResponse(body, status_code=500)
 
 
 # --------------------------------------------------------------------------- running

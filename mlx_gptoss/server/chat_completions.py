@@ -203,9 +203,12 @@ async def complete(state: ServerState, plan: Plan, knobs: dict[str, Any], http_r
     stream = state.worker.start(plan.ids, **plan.options)
     builder = ChatBuilder(state, knobs["stop"])
     result = None
-    async for item in _generation(builder, stream, http_request):
-        if isinstance(item, tuple):
-            result = item[1]
+    try:
+        async for item in _generation(builder, stream, http_request):
+            if isinstance(item, tuple):
+                result = item[1]
+    except Exception as e:  # noqa: BLE001 - this request's failure, as an OpenAI error
+        raise as_api_error(e) from None
     if result is None and not builder.stop.stopped:
         raise as_api_error(RuntimeError("cancelled"))
     return {**_head(state), "object": "chat.completion",
