@@ -23,8 +23,9 @@ def serve(
     api_key: Optional[str] = typer.Option(
         None, "--api-key", envvar="MLX_GPTOSS_API_KEY",
         help="Require 'Authorization: Bearer KEY' on /v1 routes."),
-    max_concurrency: int = typer.Option(1, "--max-concurrency", min=1,
-                                        help="Requests decoding at once."),
+    max_concurrency: int = typer.Option(
+        4, "--max-concurrency", min=1,
+        help="Requests decoding at once, as rows of one batch (1: the single-sequence loop)."),
     max_queue: int = typer.Option(16, "--max-queue", min=0,
                                   help="Requests that may wait beyond those; past that, 429."),
     max_body_mb: float = typer.Option(16.0, "--max-body-mb", min=0.001,
