@@ -305,7 +305,8 @@ def test_json_schema_guaranteed_on_a_random_model(chat_model):
     schema = {"type": "object", "properties": {"unit": {"enum": ["celsius", "fahrenheit"]},
                                                "ok": {"type": "boolean"}},
               "required": ["unit", "ok"], "additionalProperties": False}
-    with serve(model, tok) as (url, _):  # the constraint bounds the analysis to leave room
+    # through the batched engine (the server's default); the constraint bounds the analysis
+    with serve(model, tok, max_concurrency=2, engine=Engine(model, tok, max_batch=2)) as (url, _):
         response = client(url).responses.create(
             model=NAME, input="Unit?", max_output_tokens=64, temperature=1.0,
             text={"format": {"type": "json_schema", "name": "choice", "schema": schema, "strict": True}})
@@ -315,7 +316,7 @@ def test_json_schema_guaranteed_on_a_random_model(chat_model):
 
 def test_tool_choice_required_and_named_on_a_random_model(chat_model):
     model, tok = chat_model
-    with serve(model, tok) as (url, _):
+    with serve(model, tok, max_concurrency=2, engine=Engine(model, tok, max_batch=2)) as (url, _):
         api = client(url)
         # bounded argument schemas, so the JSON closes well within the output limit
         response = api.responses.create(model=NAME, input="Pick.", tools=[CONFIRM_TOOL, UNIT_TOOL],
