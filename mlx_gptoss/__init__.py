@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "Chat": "chat", "Reply": "chat", "ToolResult": "chat",
+    "Chat": "chat", "Reply": "agent", "ToolResult": "agent", "run_turn": "agent",
+    "Engine": "engine", "batch_generate": "engine",
     "GptOssError": "errors",
     "GenerationResult": "generate", "GenerationStats": "generate", "generate": "generate",
     "stream_generate": "generate",
@@ -41,7 +42,9 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
-    from .chat import Chat, Reply, ToolResult
+    from .agent import Reply, ToolResult, run_turn
+    from .chat import Chat
+    from .engine import Engine, batch_generate
     from .errors import GptOssError
     from .generate import GenerationResult, GenerationStats, generate, stream_generate
     from .harmony import (Conversation, DeveloperContent, Message, ReasoningEffort, Role,
