@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from .cache import PromptCache
 from .constrained import JsonSchemaConstraint
+from .env import read_json
 from .errors import GptOssError, HarmonyError
 from .generate import (
     DEFAULT_MAX_TOKENS,
@@ -210,12 +211,9 @@ class Chat:
 
     def load(self, path: str | os.PathLike) -> None:
         """Replace history and settings with a saved conversation (openai-harmony JSON)."""
+        data = read_json(path, "saved chat", expect=dict, error=HarmonyError)
         try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (OSError, ValueError) as e:  # ValueError: not UTF-8, or a NUL byte in the name
-            raise GptOssError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
-        try:
-            conversation = Conversation.from_json(text)
+            conversation = Conversation.from_dict(data)
         except HarmonyError as e:
             raise HarmonyError(f"{path}: {e}") from None
         self.set_conversation(conversation)

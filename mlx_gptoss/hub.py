@@ -8,7 +8,6 @@ already an MLX conversion is used straight from the hub cache. Offline (`HF_HUB_
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -16,7 +15,8 @@ from typing import Any, Callable
 
 import mlx.core as mx
 
-from .errors import GptOssError
+from .env import read_json
+from .errors import ConfigError, GptOssError
 from .formats import CONVERTED_MARKER
 from .harmony.tokenizer import is_offline, user_cache_dir
 from .loading import load as load_dir
@@ -47,10 +47,7 @@ def resolve_model(name: str | os.PathLike, *, progress: bool = True,
     if (converted / "config.json").is_file():
         return converted
     snapshot = _download(text, progress)
-    try:
-        raw = json.loads((snapshot / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise GptOssError(f"{text}: unreadable config.json in the download ({e})") from None
+    raw = read_json(snapshot / "config.json", f"config of {text}", expect=dict, error=ConfigError)
     if CONVERTED_MARKER in raw:
         return snapshot
     from .converter import convert

@@ -11,14 +11,14 @@ floats is reported).
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
 
 from .config import ModelConfig, QuantizationConfig, load_config
-from .errors import GptOssError
+from .env import read_json
+from .errors import ConfigError, GptOssError
 from .formats import CONVERTED_MARKER, canonical_tensors
 from .safetensors_io import INDEX_NAME, LazyTensors, open_tensor_dir
 
@@ -50,7 +50,7 @@ def check_structure(model_dir: Path) -> tuple[ModelConfig, dict]:
     from .harmony.tokenizer import VOCAB_FILENAME, find_vocabulary
 
     cfg = load_config(model_dir)
-    raw = json.loads((model_dir / "config.json").read_text())
+    raw = read_json(model_dir / "config.json", expect=dict, error=ConfigError)
     if CONVERTED_MARKER not in raw:
         raise VerificationError(f"{model_dir / 'config.json'}: no {CONVERTED_MARKER!r} "
                                 "section (not a directory written by mlx-gptoss convert)")
@@ -112,7 +112,8 @@ def verify(model_dir: str | Path, against: str | Path | None = None) -> VerifyRe
     if dataclasses.replace(cfg, quantization=None) != src_cfg:
         raise VerificationError(f"{model_dir}: config.json does not describe the same model as "
                                 f"{src / 'config.json'}")
-    _, source = canonical_tensors(src, src_cfg, json.loads((src / "config.json").read_text()),
+    _, source = canonical_tensors(src, src_cfg, read_json(src / "config.json", expect=dict,
+                                                       error=ConfigError),
                                   streaming=True)
     ours = LazyTensors(infos, streaming=True)
     q = cfg.quantization

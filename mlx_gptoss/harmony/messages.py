@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Union
 
+from ..env import parse_json
 from ..errors import HarmonyError
 
 
@@ -328,12 +329,13 @@ class Conversation:
         return conversation
 
     @classmethod
-    def from_json(cls, payload: str | bytes) -> "Conversation":
+    def from_json(cls, payload: str | bytes, what: str = "conversation") -> "Conversation":
+        """Parse openai-harmony's JSON; errors start with `what` (the file's name, say)."""
+        data = parse_json(payload, what, expect=dict, error=HarmonyError)
         try:
-            data = json.loads(payload)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise HarmonyError(f"conversation is not valid JSON: {e}") from None
-        return cls.from_dict(data)
+            return cls.from_dict(data)
+        except HarmonyError as e:
+            raise HarmonyError(f"{what}: {e}") from None
 
 
 # --------------------------------------------------------------------------- reading JSON

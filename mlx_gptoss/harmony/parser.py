@@ -395,7 +395,8 @@ class StreamParser:
 
     def _header_as_text(self, stop: str) -> None:
         closer = "end of stream" if stop == "eos" else f"<|{stop}|>"
-        if not self.header_tokens and self.next_role is None:
+        # Nothing at all after the role (an empty completion) is no message, not an empty one.
+        if not self.header_tokens and (self.next_role is None or stop == "eos"):
             self._recover(f"empty header closed by {closer}: ignored")
             self.state = State.EXPECT_START
             return

@@ -18,6 +18,7 @@ import json
 from dataclasses import dataclass
 from typing import Iterable
 
+from ..env import check_depth
 from ..errors import HarmonyError
 from .messages import (
     Conversation,
@@ -89,6 +90,7 @@ def response_formats_section(formats: list[ResponseFormat]) -> str:
     """
     blocks = ["# Response Formats"]
     for fmt in formats:
+        check_depth(fmt.schema, f"response format {fmt.name}", HarmonyError)
         lines = [f"## {fmt.name}", ""]
         lines.extend(f"// {line}" for line in rust_lines(fmt.description or ""))
         lines.append(json.dumps(fmt.schema, ensure_ascii=False, separators=(",", ":")))
