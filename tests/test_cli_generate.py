@@ -105,7 +105,7 @@ def test_user_errors_are_one_line_exit_2(chat_checkpoint, tmp_path, capsys, monk
                         write(tmp_path / "t.json", '[{"type": "function", "function": {}}]')],
                        "t.json, tool 0: invalid function name"),
         "tools json": (["-m", chat_checkpoint, "-p", "x", "--tools",
-                        write(tmp_path / "u.json", "[")], "u.json is not valid JSON"),
+                        write(tmp_path / "u.json", "[")], "u.json (tools file): not valid JSON"),
         "effort": (["-m", chat_checkpoint, "-p", "x", "-r", "extreme"], "--reasoning-effort"),
         "top-p": (["-m", chat_checkpoint, "-p", "x", "--top-p", "0"], "top-p must be in"),
     }
@@ -117,7 +117,7 @@ def test_user_errors_are_one_line_exit_2(chat_checkpoint, tmp_path, capsys, monk
     done = subprocess_cli("generate", "-m", tmp_path / "nope", "-p", "x")
     assert done.returncode == 2 and done.stderr.count("\n") == 1
     assert "Traceback" not in done.stderr
-    done = subprocess_cli("generate", "-m", tmp_path / "nope", "-p", "x", "--debug")
+    done = subprocess_cli("--debug", "generate", "-m", tmp_path / "nope", "-p", "x")
     assert "Traceback" in done.stderr
 
 
@@ -225,6 +225,6 @@ def test_chat_save_and_load_take_the_rest_of_the_line(chat_model, tmp_path, caps
     assert "Keep me." in (tmp_path / "Bob's chat.json").read_text()
     assert err.splitlines() == [
         "saved my chat.json", "saved Bob's chat.json", "saved quoted name.json",
-        'error: cannot read "missing.json: No such file or directory',
+        'error: "missing.json (saved chat): not found',
         "loaded my chat.json", "error: /save needs a file name"]
     assert out == "" and chat.instructions == "Keep me."

@@ -329,12 +329,14 @@ class Conversation:
         return conversation
 
     @classmethod
-    def from_json(cls, payload: str | bytes, what: str = "conversation") -> "Conversation":
+    def from_json(cls, payload: str | bytes, what: str | None = None) -> "Conversation":
         """Parse openai-harmony's JSON; errors start with `what` (the file's name, say)."""
-        data = parse_json(payload, what, expect=dict, error=HarmonyError)
+        data = parse_json(payload, what or "conversation", error=HarmonyError)
         try:
             return cls.from_dict(data)
         except HarmonyError as e:
+            if what is None:
+                raise
             raise HarmonyError(f"{what}: {e}") from None
 
 
