@@ -55,7 +55,7 @@ def expected(chat_model):
 
 def test_generate_prints_the_answer_alone_on_stdout(chat_checkpoint, expected, capsys):
     code, out, err = cli(capsys, "generate", "-m", chat_checkpoint, "-p", "Hello", *GREEDY_FLAGS,
-                         "--verbose")
+                         "--verbose", "--stats")
     assert code == 0
     assert out == expected.text + "\n"
     assert "<|start|>user<|message|>Hello<|end|><|start|>assistant" in err  # --verbose prompt

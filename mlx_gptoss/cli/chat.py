@@ -14,8 +14,8 @@ import typer
 
 from ..errors import GptOssError
 from .generate import (DEVELOPER, DTYPE, EFFORT, EFFORTS, JSON_SCHEMA, MAX_TOKENS, MAX_TOOL_ROUNDS,
-                       MIN_P, PYTHON, SEED, SHOW_REASONING, SYSTEM, TEMPERATURE, TOOLS, TOP_K,
-                       TOP_P, Display, load_chat, model_option, run_turn)
+                       MIN_P, PYTHON, SEED, SHOW_REASONING, STATS, SYSTEM, TEMPERATURE, TOOLS,
+                       TOP_K, TOP_P, VERBOSE, Display, load_chat, model_option, run_turn)
 
 HELP = """commands:
   /effort low|medium|high   reasoning effort
@@ -140,8 +140,8 @@ def chat(
     json_schema: Optional[Path] = JSON_SCHEMA,
     dtype: Optional[str] = DTYPE,
     load_file: Optional[Path] = typer.Option(None, "--load", help="Start from a saved chat."),
-    verbose: bool = typer.Option(False, "--verbose", "-v",
-                                 help="Print each prompt and the stats to stderr."),
+    stats: Optional[bool] = STATS,
+    verbose: bool = VERBOSE,
 ) -> None:
     """Chat with the model (multi-turn, with history and tools)."""
     session = load_chat(model, dtype, effort=reasoning_effort, system=system, developer=developer,
@@ -151,7 +151,8 @@ def chat(
                         json_schema=json_schema)
     if load_file is not None:
         session.load(load_file)
-    display = Display(session.tokenizer, show_reasoning=show_reasoning, verbose=verbose)
+    display = Display(session.tokenizer, show_reasoning=show_reasoning, verbose=verbose,
+                      stats=stats)
     try:
         repl(session, display)
     finally:

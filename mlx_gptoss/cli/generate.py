@@ -1,21 +1,23 @@
 """`mlx-gptoss generate`: one prompt, one answer.
 
 The final answer goes to stdout; reasoning, tool traffic, the prompt (`--verbose`) and the stats
-go to stderr, so `answer=$(mlx-gptoss generate ...)` captures the answer alone. `--json` prints
+(`--stats`, on by default when stderr is a terminal) go to stderr, so `answer=$(mlx-gptoss generate ...)` captures the answer alone. `--json` prints
 one JSON event per line on stdout instead. The display helpers here are shared with `chat`.
 """
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Optional, TextIO
 
 import typer
 
+from ..defaults import (DEFAULT_MAX_TOKENS, DEFAULT_REASONING_EFFORT, DEFAULT_TOOL_ROUNDS,
+                        REASONING_EFFORTS as EFFORTS)
 from ..errors import GptOssError
 
-EFFORTS = ("low", "medium", "high")
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 
 
@@ -32,33 +34,65 @@ def load_chat(model: str, dtype: Optional[str], *, effort: str, system: Optional
               temperature: Optional[float], top_p: Optional[float], top_k: Optional[int],
               min_p: Optional[float], seed: Optional[int], max_tokens: int,
               max_tool_rounds: int, on_tool_call=None, json_schema: Optional[Path] = None):
-    """Everything both commands need: loaded model, tools, sampling, a `Chat`."""
+    """Everything both commands need: loaded model, tools, sampling, a `Chat`.
+
+    Every option is checked, and every file read, before the model loads (which can take
+    minutes and download gigabytes)."""
     from ..chat import Chat
     from ..constrained import load_json_schema
     from ..hub import load
     from ..tools.functions import load_tools_file
 
-    if effort.lower() not in EFFORTS:
-        raise GptOssError(f"--reasoning-effort must be one of {', '.join(EFFORTS)}, got {effort!r}")
+    overrides = check_sampling_options(temperature=temperature, top_p=top_p, top_k=top_k,
+                                       min_p=min_p, seed=seed)
+    check_effort(effort)
+    if dtype is not None:
+        from ..loading import resolve_dtype
+
+        resolve_dtype(dtype)
     functions = load_tools_file(tools) if tools is not None else []
     response_format = load_json_schema(json_schema) if json_schema is not None else None
     net, tokenizer = load(model, dtype)
-    sampling = net.sampling_defaults.with_overrides(temperature=temperature, top_p=top_p,
-                                                    top_k=top_k, min_p=min_p, seed=seed)
+    context = net.config.max_position_embeddings
+    if max_tokens > context:
+        raise GptOssError(f"--max-tokens {max_tokens} is more than the model's context length "
+                          f"({context} tokens)")
+    sampling = net.sampling_defaults.with_overrides(**overrides)
     return Chat(net, tokenizer, instructions=developer, system=system, reasoning_effort=effort,
                 tools=functions, python=python, on_tool_call=on_tool_call,
                 max_tool_rounds=max_tool_rounds, max_tokens=max_tokens, sampling=sampling,
                 response_format=response_format)
 
 
+def check_effort(effort: str) -> None:
+    if effort.lower() not in EFFORTS:
+        raise GptOssError(f"--reasoning-effort must be one of {', '.join(EFFORTS)}, got {effort!r}")
+
+
+def check_sampling_options(**options: float | int | None) -> dict:
+    """The sampling flags that were given, checked by `SamplingParams` itself (one set of
+    rules), plus finiteness: `nan` passes every comparison and `inf` would divide the logits."""
+    from ..sampling import SamplingParams
+
+    given = {k: v for k, v in options.items() if v is not None}
+    for name, value in given.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            flag = "--temp" if name == "temperature" else "--" + name.replace("_", "-")
+            raise GptOssError(f"{flag} must be a finite number, got {value}")
+    SamplingParams(**given)
+    return given
+
+
 # --------------------------------------------------------------------------- shared options
 # `generate` and `chat` take the same session options; each is defined once here.
-EFFORT = typer.Option("medium", "--reasoning-effort", "-r", help="low, medium or high.")
+EFFORT = typer.Option(DEFAULT_REASONING_EFFORT, "--reasoning-effort", "-r",
+                      help="low, medium or high.")
 SYSTEM = typer.Option(None, "--system", help="Model identity line of the system message.")
 DEVELOPER = typer.Option(None, "--developer", help="Developer instructions.")
 SHOW_REASONING = typer.Option(True, "--show-reasoning/--hide-reasoning",
                               help="Stream the analysis channel to stderr.")
-MAX_TOKENS = typer.Option(4096, "--max-tokens", help="Tokens per generation.")
+MAX_TOKENS = typer.Option(DEFAULT_MAX_TOKENS, "--max-tokens", min=1,
+                          help="Tokens per generation (at most the context length).")
 TEMPERATURE = typer.Option(None, "--temperature", "--temp",
                            help="Default: generation_config, else 1.0.")
 TOP_P = typer.Option(None, "--top-p", help="Default 1.0 (off).")
@@ -69,22 +103,31 @@ TOOLS = typer.Option(None, "--tools", help="JSON list of OpenAI-style function t
 PYTHON = typer.Option(False, "--python", help=(
     "Let the model run Python in a separate, resource-limited process "
     "(not a security sandbox: its code can read and write your files)."))
-MAX_TOOL_ROUNDS = typer.Option(8, "--max-tool-rounds", help="Tool calls per turn.")
+MAX_TOOL_ROUNDS = typer.Option(DEFAULT_TOOL_ROUNDS, "--max-tool-rounds", min=0,
+                               help="Tool calls per turn.")
 JSON_SCHEMA = typer.Option(None, "--json-schema",
                            help="JSON Schema file: every answer is JSON that validates against it.")
 DTYPE = typer.Option(None, "--dtype",
                      help="Compute dtype (bfloat16, float32...). Default: float32 activations "
                           "on the CPU backend, bfloat16 on a GPU.")
+STATS = typer.Option(None, "--stats/--no-stats",
+                     help="Speed and memory of each generation on stderr (default: on when "
+                          "stderr is a terminal).")
+VERBOSE = typer.Option(False, "--verbose", "-v", help="Print each rendered prompt to stderr.")
 
 
 # --------------------------------------------------------------------------- display
 
 
 class Display:
-    """Streams a chat's events: the answer to `out`, the rest to `err` (dimmed on a TTY)."""
+    """Streams a chat's events: the answer to `out`, the rest to `err` (dimmed on a TTY).
+
+    `verbose` prints each prompt; `stats` (default: when `err` is a terminal) each
+    generation's speed and memory, so a script's stderr stays quiet unless asked."""
 
     def __init__(self, tokenizer, *, show_reasoning: bool = True, as_json: bool = False,
-                 verbose: bool = False, out: TextIO | None = None, err: TextIO | None = None):
+                 verbose: bool = False, stats: bool | None = None, out: TextIO | None = None,
+                 err: TextIO | None = None):
         self.tok = tokenizer
         self.show_reasoning = show_reasoning
         self.as_json = as_json
@@ -92,6 +135,7 @@ class Display:
         self.out = out or sys.stdout
         self.err = err or sys.stderr
         self.dim = self.err.isatty()
+        self.stats = self.dim if stats is None else stats
         self.channel: str | None = None
         self.recipient: str | None = None
         self.answer_open = False
@@ -148,7 +192,7 @@ class Display:
         elif isinstance(event, ToolResult):
             self._err(f"[tool] {event.call.recipient} returned: {event.output}\n")
         elif isinstance(event, GenerationResult):
-            if self.verbose:
+            if self.stats:
                 self._err(event.stats.summary() + "\n")
         elif isinstance(event, Reply):
             if self.answer_open:
@@ -201,6 +245,8 @@ def _preview(chat, user) -> list[int]:
 
 def read_prompt(prompt: Optional[str]) -> str:
     if prompt is not None:
+        if not prompt.strip():
+            raise GptOssError("the prompt (--prompt) is empty")
         return prompt
     if sys.stdin is None or sys.stdin.isatty():
         raise GptOssError("no prompt: pass --prompt TEXT or pipe the prompt on stdin")
@@ -233,8 +279,8 @@ def generate(
     json_schema: Optional[Path] = JSON_SCHEMA,
     dtype: Optional[str] = DTYPE,
     as_json: bool = typer.Option(False, "--json", help="One JSON event per line on stdout."),
-    verbose: bool = typer.Option(False, "--verbose", "-v",
-                                 help="Print the rendered prompt and the stats to stderr."),
+    stats: Optional[bool] = STATS,
+    verbose: bool = VERBOSE,
 ) -> None:
     """Generate an answer to one prompt (from --prompt or stdin).
 
@@ -247,7 +293,7 @@ def generate(
                      top_k=top_k, min_p=min_p, seed=seed, max_tokens=max_tokens,
                      max_tool_rounds=max_tool_rounds, json_schema=json_schema)
     display = Display(chat.tokenizer, show_reasoning=show_reasoning, as_json=as_json,
-                      verbose=verbose)
+                      verbose=verbose, stats=stats)
     try:
         reply = run_turn(chat, text, display)
     except KeyboardInterrupt:
