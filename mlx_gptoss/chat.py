@@ -359,6 +359,13 @@ class Chat:
         if self.python is not None:
             self.python.close()
 
+    def __repr__(self) -> str:
+        effort = self.reasoning_effort.value.lower() if self.reasoning_effort else "none"
+        tools = ", ".join(self.tools.tools) or "none"
+        return (f"Chat({len(self.messages)} messages, effort {effort}, tools: {tools}, python "
+                f"{'on' if self.python is not None else 'off'}, max_tokens {self.max_tokens}, "
+                f"{self.model!r})")
+
     def __enter__(self) -> "Chat":
         return self
 

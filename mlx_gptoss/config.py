@@ -174,6 +174,74 @@ def load_config(model_dir: str | Path) -> ModelConfig:
     return ModelConfig.from_dict(raw, str(path))
 
 
+# ---- generation_config.json ----------------------------------------------------------------
+GENERATION_CONFIG = "generation_config.json"
+_SAMPLING_FIELDS = (("temperature", float), ("top_p", float), ("top_k", int), ("min_p", float))
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """What a checkpoint says about generating: its eos token ids and sampling defaults.
+
+    The eos ids come from generation_config.json (gpt-oss: <|return|>, <|endoftext|>,
+    <|call|>), else from config.json's `eos_token_id`. Sampling fields the file leaves out are
+    None, meaning "off" (see `sampling.py`); `do_sample: false` means greedy.
+    """
+
+    eos_token_ids: tuple[int, ...] = ()
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+
+    def sampling_fields(self) -> dict[str, float | int]:
+        """The sampling defaults that are set, as `SamplingParams` keyword arguments."""
+        return {k: getattr(self, k) for k, _ in _SAMPLING_FIELDS if getattr(self, k) is not None}
+
+    def stop_tokens(self, tokenizer) -> list[int]:
+        """Where generation stops: harmony's own stops (<|return|>, <|call|>), which the format
+        needs whatever the file says, then the checkpoint's other eos ids, in order."""
+        stops = list(tokenizer.stop_token_ids)
+        for token in self.eos_token_ids:
+            if token not in stops and 0 <= token < tokenizer.vocab_size:
+                stops.append(token)
+        return stops
+
+
+def load_generation_config(model_dir: str | Path | None,
+                           model_config: ModelConfig | None = None) -> GenerationConfig:
+    """`model_dir`'s generation_config.json; without one, the eos ids of `model_config`."""
+    fallback = tuple(model_config.eos_token_id) if model_config is not None else ()
+    path = Path(model_dir) / GENERATION_CONFIG if model_dir is not None else None
+    if path is None or not path.is_file():
+        return GenerationConfig(eos_token_ids=fallback)
+    data = read_json(path, expect=dict, error=ConfigError)
+    fields: dict[str, Any] = {}
+    for key, kind in _SAMPLING_FIELDS:
+        value = data.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not math.isfinite(value) or (kind is int and value != int(value)):
+            raise ConfigError(f"{path}: {key} must be a{'n integer' if kind is int else ' number'}"
+                              f", got {value!r}")
+        fields[key] = kind(value)
+    if data.get("do_sample") is False:
+        fields["temperature"] = 0.0
+    eos = data.get("eos_token_id")
+    return GenerationConfig(eos_token_ids=fallback if eos is None else _token_ids(eos, path),
+                            **fields)
+
+
+def _token_ids(value: Any, source: Any) -> tuple[int, ...]:
+    """`eos_token_id` as a tuple: one id or a list of them, each a non-negative integer."""
+    ids = value if isinstance(value, list) else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ConfigError(f"{source}: eos_token_id must be a token id or a list of them, "
+                          f"got {value!r}")
+    return tuple(ids)
+
+
 # ---- the two source shapes --------------------------------------------------------------
 def _require(raw: dict[str, Any], key: str, source: str, kind: type = int) -> Any:
     if key not in raw or raw[key] is None:
@@ -249,7 +317,7 @@ def _from_hf(raw: dict[str, Any], source: str) -> ModelConfig:
         max_position_embeddings=int(raw.get("max_position_embeddings", 131072)),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         rope=_rope_from_hf(raw, source),
-        eos_token_id=tuple(eos) if isinstance(eos, list) else (eos,),
+        eos_token_id=_token_ids(eos, source),
         pad_token_id=raw.get("pad_token_id"),
         quantization=_quantization_from_hf(raw.get("mlx_quantization"), source),
     )

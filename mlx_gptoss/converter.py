@@ -27,7 +27,7 @@ import numpy as np
 from .config import (DEFAULT_QUANTIZED_MODULES, QUANTIZATION_MODES, ModelConfig,
                      QuantizationConfig, load_config)
 from .env import read_json
-from .errors import CheckpointError, ConfigError, GptOssError
+from .errors import CheckpointError, ConfigError, ConversionError
 from .formats import CONVERTED_MARKER, FORMATS, canonical_tensors
 from .loading import QUANTIZABLE_MODULES
 from .safetensors_io import DTYPE_NAMES, DTYPES, INDEX_NAME, SafetensorsWriter, to_bytes
@@ -37,10 +37,6 @@ CONVERTER_VERSION = "0.1.0"
 MAX_SHARD_BYTES = 5 * 10**9
 # Quantize big matrices this many bytes of source rows at a time (row groups are independent).
 _CHUNK_BYTES = 64 * 2**20
-
-
-class ConversionError(GptOssError):
-    """The destination cannot be written, or the requested conversion is impossible."""
 
 
 @dataclass(frozen=True)

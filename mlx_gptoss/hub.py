@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import mlx.core as mx
 
+from .config import load_generation_config
 from .env import read_json
 from .errors import ConfigError, GptOssError
 from .formats import CONVERTED_MARKER
@@ -85,12 +86,15 @@ def load(model: str | os.PathLike, dtype: str | mx.Dtype | None = None, *,
          progress: bool = True) -> tuple[Model, Any]:
     """`(model, tokenizer)` for a model directory or hub repo id.
 
-    The model's `sampling_defaults` come from its generation_config.json; generation uses them
-    unless told otherwise. `dtype` is the compute dtype of the unquantized weights (default:
-    the checkpoint's bf16; float32 is much faster on CPU).
+    The model's `sampling_defaults` and `generation_config` (eos ids: see
+    `GenerationConfig.stop_tokens`) come from its generation_config.json; generation uses them
+    unless told otherwise. `dtype` is the compute dtype of the unquantized weights; the default
+    depends on the device: float32 activations on the CPU (much faster there; the vocabulary
+    matrices stay bf16), the checkpoint's bf16 on a GPU (see `loading.resolve_dtype`).
     """
     path = resolve_model(model, progress=progress)
     net, tokenizer = load_dir(path, dtype)
+    net.generation_config = load_generation_config(path, net.config)
     net.sampling_defaults = SamplingParams.from_model_dir(path)
     net.model_dir = path
     return net, tokenizer

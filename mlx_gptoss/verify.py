@@ -18,13 +18,10 @@ import mlx.core as mx
 
 from .config import ModelConfig, QuantizationConfig, load_config
 from .env import read_json
-from .errors import ConfigError, GptOssError
+from .errors import ConfigError, VerificationError
 from .formats import CONVERTED_MARKER, canonical_tensors
 from .safetensors_io import INDEX_NAME, LazyTensors, open_tensor_dir
 
-
-class VerificationError(GptOssError):
-    """A converted directory is malformed or does not match its source."""
 
 
 @dataclass
@@ -33,14 +30,19 @@ class VerifyReport:
     num_tensors: int
     tensor_bytes: int
     compared: list[str] = field(default_factory=list)
+    quantized: list[str] = field(default_factory=list)  # the compared ones that were quantized
     max_quantization_error: float = 0.0  # quantized modules vs the source floats
 
     def summary(self) -> str:
         lines = [f"{self.model}: structure OK ({self.num_tensors} tensors, "
                  f"{self.tensor_bytes} bytes)"]
         if self.compared:
-            lines.append(f"compared {len(self.compared)} tensors with the source: identical "
-                         f"(max |quantized - source| {self.max_quantization_error:.3g})")
+            exact = len(self.compared) - len(self.quantized)
+            line = f"compared {len(self.compared)} tensors with the source: {exact} identical"
+            if self.quantized:  # these are not identical, and must not be called so
+                line += (f", {len(self.quantized)} quantized exactly as the converter does "
+                         f"(largest |dequantized - source| {self.max_quantization_error:.3g})")
+            lines.append(line)
         return "\n".join(lines)
 
 
@@ -128,6 +130,7 @@ def verify(model_dir: str | Path, against: str | Path | None = None) -> VerifyRe
             parts = [ours[f"{module}.{x}"] for x in suffixes if f"{module}.{x}" in infos]
             same, error = _quantized_rows_match(parts, want, q)
             report.max_quantization_error = max(report.max_quantization_error, error)
+            report.quantized.append(name)
         elif name in infos:
             got = ours[name]  # experts: the packed MXFP4 bytes themselves
             if got.dtype != want.dtype:  # e.g. an fp32 source written as is; compare values

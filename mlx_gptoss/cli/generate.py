@@ -91,7 +91,7 @@ SYSTEM = typer.Option(None, "--system", help="Model identity line of the system 
 DEVELOPER = typer.Option(None, "--developer", help="Developer instructions.")
 SHOW_REASONING = typer.Option(True, "--show-reasoning/--hide-reasoning",
                               help="Stream the analysis channel to stderr.")
-MAX_TOKENS = typer.Option(DEFAULT_MAX_TOKENS, "--max-tokens", min=1,
+MAX_TOKENS = typer.Option(DEFAULT_MAX_TOKENS, "--max-tokens", min=1, metavar="<int>",
                           help="Tokens per generation (at most the context length).")
 TEMPERATURE = typer.Option(None, "--temperature", "--temp",
                            help="Default: generation_config, else 1.0.")
@@ -103,7 +103,7 @@ TOOLS = typer.Option(None, "--tools", help="JSON list of OpenAI-style function t
 PYTHON = typer.Option(False, "--python", help=(
     "Let the model run Python in a separate, resource-limited process "
     "(not a security sandbox: its code can read and write your files)."))
-MAX_TOOL_ROUNDS = typer.Option(DEFAULT_TOOL_ROUNDS, "--max-tool-rounds", min=0,
+MAX_TOOL_ROUNDS = typer.Option(DEFAULT_TOOL_ROUNDS, "--max-tool-rounds", min=0, metavar="<int>",
                                help="Tool calls per turn.")
 JSON_SCHEMA = typer.Option(None, "--json-schema",
                            help="JSON Schema file: every answer is JSON that validates against it.")

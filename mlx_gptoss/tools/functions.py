@@ -19,16 +19,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Union
 
 from ..env import parse_json, read_json
-from ..errors import GptOssError
+from ..errors import GptOssError, ToolsFileError
 from ..harmony import ToolDescription
 
 NAMESPACE = "functions"
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 _SCALARS = {str: "string", int: "integer", float: "number", bool: "boolean"}
-
-
-class ToolsFileError(GptOssError):
-    """A --tools file is unreadable or not a list of function tools."""
 
 
 @dataclass
