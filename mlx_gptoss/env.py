@@ -74,8 +74,7 @@ def parse_json(text: str | bytes, what: str, *, expect: type | tuple[type, ...] 
     except ValueError as e:  # JSONDecodeError, and int() of a huge number
         raise error(f"{what}: not valid JSON ({e})") from None
     check_depth(value, what, error)
-    if expect is not None and not (isinstance(value, expect)
-                                   and not (isinstance(value, bool) and bool not in _types(expect))):
+    if expect is not None and not _is_a(value, _types(expect)):
         raise error(f"{what}: expected {_describe(expect)}, got {_describe(type(value))}")
     return value
 
@@ -95,6 +94,13 @@ def read_json(path: str | os.PathLike, what: str = "", *,
     except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
         raise error(f"{label}: cannot read ({getattr(e, 'strerror', None) or e})") from None
     return parse_json(data, label, expect=expect, error=error)
+
+
+def _is_a(value: Any, types: tuple[type, ...]) -> bool:
+    """isinstance, except that true/false is not an integer unless bool is asked for."""
+    if isinstance(value, bool) and bool not in types:
+        return False
+    return isinstance(value, types)
 
 
 def _types(expect: type | tuple[type, ...]) -> tuple[type, ...]:

@@ -44,8 +44,9 @@ def test_harmony_commands_read_stdin(vocab_file, oracle, capsys, monkeypatch):  
     theirs = oh.Conversation.from_json(json.dumps(CONV))
     ids = oracle.render_conversation_for_completion(theirs, oh.Role.ASSISTANT)
     assert json.loads(out) == ids
+    without_completion = ids[:-2]  # no trailing <|start|>assistant
     code, out, err = cli(capsys, "harmony", "parse", "-", "--role", "none", "--vocab", vocab_file,
-                         stdin=json.dumps(ids[:-2]), monkeypatch=monkeypatch)  # no <|start|>assistant
+                         stdin=json.dumps(without_completion), monkeypatch=monkeypatch)
     assert code == 0, err
     assert json.loads(out) == json.loads(theirs.to_json())
 

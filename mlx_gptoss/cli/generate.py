@@ -1,8 +1,9 @@
 """`mlx-gptoss generate`: one prompt, one answer.
 
 The final answer goes to stdout; reasoning, tool traffic, the prompt (`--verbose`) and the stats
-(`--stats`, on by default when stderr is a terminal) go to stderr, so `answer=$(mlx-gptoss generate ...)` captures the answer alone. `--json` prints
-one JSON event per line on stdout instead. The display helpers here are shared with `chat`.
+(`--stats`, on by default when stderr is a terminal) go to stderr, so
+`answer=$(mlx-gptoss generate ...)` captures the answer alone. `--json` prints one JSON event
+per line on stdout instead. The display helpers here are shared with `chat`.
 """
 from __future__ import annotations
 

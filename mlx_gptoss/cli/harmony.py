@@ -66,7 +66,8 @@ def render(
     try:
         conv = Conversation.from_dict(data)
     except HarmonyError as e:
-        raise HarmonyError(f"{'stdin' if str(conversation) == STDIN else conversation}: {e}") from None
+        where = "stdin" if str(conversation) == STDIN else conversation
+        raise HarmonyError(f"{where}: {e}") from None
     tok = load_tokenizer(vocab_path=vocab)
     if no_completion:
         ids = render_conversation(conv, tokenizer=tok)
