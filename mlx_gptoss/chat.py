@@ -46,6 +46,7 @@ from .generate import (
 )
 from .harmony import (
     Author,
+    ChannelConfig,
     Conversation,
     DeveloperContent,
     Event,
@@ -115,6 +116,10 @@ class Reply:
 class Chat:
     """A conversation with the model: `chat.send("hi").text`, or stream with `chat.stream`."""
 
+    # System-message settings that only a loaded conversation changes (harmony's defaults).
+    knowledge_cutoff: str | None = SystemContent().knowledge_cutoff
+    channel_config: ChannelConfig | None = None  # None: harmony's required analysis/commentary/final
+
     def __init__(self, model: Model, tokenizer: HarmonyTokenizer, *,
                  instructions: str | None = None, system: str | None = None,
                  reasoning_effort: str | ReasoningEffort = "medium",
@@ -155,8 +160,12 @@ class Chat:
 
     def header(self) -> list[Message]:
         """The system and developer messages this chat's settings render to."""
-        messages = [system_message(reasoning_effort=self.reasoning_effort, identity=self.system,
-                                   date=self.date, python_tool=self.python is not None)]
+        system = system_message(reasoning_effort=self.reasoning_effort, identity=self.system,
+                                date=self.date, python_tool=self.python is not None)
+        system.content[0].knowledge_cutoff = self.knowledge_cutoff
+        if self.channel_config is not None:
+            system.content[0].channel_config = self.channel_config
+        messages = [system]
         constraint = self.json_constraint()
         dev = developer_message(self.instructions, self.tools.descriptions(),
                                 constraint.response_format if constraint else None)
@@ -221,8 +230,11 @@ class Chat:
     def set_conversation(self, conversation: Conversation | Iterable[Message]) -> None:
         """Replace history and settings: the conversation's system and developer messages
         define effort, identity, date, instructions, function tools and response format (what
-        they leave out is unset). A declared function keeps its registered Python callable.
-        Invalid settings raise before anything changes."""
+        they leave out is unset), and knowledge cutoff, channel config and the python tool. A
+        declared function keeps its registered Python callable. The python tool is never
+        switched on by a file (model-written code runs only when the user opts in): loading a
+        conversation that uses it into a chat without it raises. Invalid settings raise before
+        anything changes."""
         system, developer, history = SystemContent(), DeveloperContent(), []
         for message in conversation:
             part = message.content[0] if len(message.content) == 1 else None
@@ -243,6 +255,15 @@ class Chat:
             raise GptOssError(f"a chat takes one response format; the conversation has {len(formats)}")
         response_format = formats[0] if formats else None
         constraint = self._compile_constraint(tools, response_format)  # a bad schema raises here
+        uses_python = "python" in (system.tools or {})
+        if uses_python and self.python is None:
+            raise GptOssError("the conversation uses the python tool, which this chat does not "
+                              "have: enable it (--python) to load it")
+        if not uses_python and self.python is not None:
+            self.python.close()
+            self.python = None
+        self.knowledge_cutoff = system.knowledge_cutoff
+        self.channel_config = system.channel_config
         self.reasoning_effort = system.reasoning_effort
         self.system = None if system.model_identity == SystemContent().model_identity \
             else system.model_identity

@@ -1,4 +1,5 @@
-"""Reading JSON that a user (or a model) handed us, in one place.
+"""The environment: our cache directory, the offline switches, and reading JSON that a user
+(or a model) handed us, each in one place.
 
 Every JSON file the project reads — config.json, generation_config.json, a safetensors header,
 a tools file, a JSON Schema, a conversation, token ids — can be corrupt, not UTF-8, the wrong
@@ -17,6 +18,23 @@ from pathlib import Path
 from typing import Any
 
 from .errors import GptOssError
+
+OFFLINE_VARIABLES = ("MLX_GPTOSS_OFFLINE", "HF_HUB_OFFLINE", "TIKTOKEN_OFFLINE")
+
+
+def user_cache_dir() -> Path:
+    """Our own cache directory: `$MLX_GPTOSS_CACHE`, else `$XDG_CACHE_HOME/mlx-gptoss`, else
+    `~/.cache/mlx-gptoss` (converted models, the unpacked vocabulary, chat history)."""
+    if os.environ.get("MLX_GPTOSS_CACHE"):
+        return Path(os.environ["MLX_GPTOSS_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mlx-gptoss"
+
+
+def is_offline() -> bool:
+    """Whether the user asked for no network (any of the usual offline variables)."""
+    return any(os.environ.get(v, "") not in ("", "0") for v in OFFLINE_VARIABLES)
+
 
 # Containers inside containers. Real files stay under ~20 (a tool's parameter schema inside a
 # developer message inside a conversation); the recursive walkers use a few frames per level,

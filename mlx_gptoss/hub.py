@@ -16,10 +16,9 @@ from typing import Any, Callable
 import mlx.core as mx
 
 from .config import load_generation_config
-from .env import read_json
+from .env import is_offline, read_json, user_cache_dir
 from .errors import ConfigError, GptOssError
 from .formats import CONVERTED_MARKER
-from .harmony.tokenizer import is_offline, user_cache_dir
 from .loading import load as load_dir
 from .model import Model
 from .sampling import SamplingParams

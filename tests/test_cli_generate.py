@@ -164,7 +164,7 @@ def test_chat_repl_commands_and_ctrl_c(chat_model, tmp_path, capsys):
                         "never"]) + "\n"
     repl(chat, InterruptingDisplay(tok), stdin=io.StringIO(script))
     out, err = capsys.readouterr()
-    assert "/effort low|medium|high" in err
+    assert "/effort [low|medium|high]" in err
     assert "error: /effort takes one of low, medium, high" in err
     assert "[interrupted: this turn was discarded]" in err
     assert "error: unknown command /bogus" in err
@@ -178,7 +178,8 @@ def test_chat_repl_commands_and_ctrl_c(chat_model, tmp_path, capsys):
 def test_chat_in_a_terminal_ctrl_c_keeps_the_session_ctrl_d_exits(chat_checkpoint):
     """A real terminal (pty): Ctrl-C during a reply stops it, the next turn works, Ctrl-D exits."""
     pexpect = pytest.importorskip("pexpect")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLX_GPTOSS_OFFLINE": "1", "TERM": "dumb"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLX_GPTOSS_OFFLINE": "1", "TERM": "dumb",
+           "MLX_GPTOSS_HISTORY": ""}  # no history file in the user's cache
     child = pexpect.spawn(sys.executable, ["-c", "from mlx_gptoss.cli import main; main()", "chat",
                                            "-m", str(chat_checkpoint), "--max-tokens", "100000",
                                            "--temp", "0", "--dtype", "float32"],

@@ -64,7 +64,10 @@ def test_chat_asks_the_user_for_a_tool_result(chat_model, tools_file, monkeypatc
     monkeypatch.setattr(sys, "stdin", io.StringIO('Weather?\n{"sky": "clear"}\n'))
     code, out, err = cli(capsys, "chat", "-m", "x", "--tools", tools_file)
     assert code == 0 and out == "Sunny.\n"
-    assert 'the model calls functions.get_weather with {"location": "Paris"}' in err
+    # The call is shown once, as it streams, and then its result is asked for.
+    assert err.count('{"location": "Paris"}') == 1
+    assert '-> functions.get_weather: {"location": "Paris"}\n' in err
+    assert "result for functions.get_weather> " in err
     assert '<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>' \
            '{"sky": "clear"}<|end|>' in _decode(model.prefills[-1])
 

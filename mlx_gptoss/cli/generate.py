@@ -54,8 +54,8 @@ def load_chat(model: str, dtype: Optional[str], *, effort: str, system: Optional
     functions = load_tools_file(tools) if tools is not None else []
     response_format = load_json_schema(json_schema) if json_schema is not None else None
     net, tokenizer = load(model, dtype)
-    context = net.config.max_position_embeddings
-    if max_tokens > context:
+    context = getattr(net.config, "max_position_embeddings", None)
+    if context is not None and max_tokens > context:
         raise GptOssError(f"--max-tokens {max_tokens} is more than the model's context length "
                           f"({context} tokens)")
     sampling = net.sampling_defaults.with_overrides(**overrides)

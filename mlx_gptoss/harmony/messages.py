@@ -15,6 +15,7 @@ from typing import Any, Union
 
 from ..env import parse_json
 from ..errors import HarmonyError
+from .constants import CHANNELS
 
 
 class Role(str, Enum):
@@ -33,7 +34,7 @@ class ReasoningEffort(str, Enum):
 
 DEFAULT_IDENTITY = "You are ChatGPT, a large language model trained by OpenAI."
 DEFAULT_KNOWLEDGE_CUTOFF = "2024-06"
-DEFAULT_CHANNELS = ("analysis", "commentary", "final")
+DEFAULT_CHANNELS = CHANNELS
 
 
 @dataclass

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import tiktoken
 
+from ..env import is_offline, user_cache_dir
 from ..errors import HarmonyError, VocabularyError
 
 VOCAB_FILENAME = "o200k_base.tiktoken"
@@ -128,20 +129,6 @@ def tiktoken_cache_path() -> Path | None:
     if cache_dir == "":
         return None
     return Path(cache_dir) / hashlib.sha1(VOCAB_URL.encode()).hexdigest()
-
-
-def user_cache_dir() -> Path:
-    """Our own cache directory for the unpacked package copy."""
-    if os.environ.get("MLX_GPTOSS_CACHE"):
-        return Path(os.environ["MLX_GPTOSS_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "mlx-gptoss"
-
-
-def is_offline() -> bool:
-    """Whether the user asked for no network (any of the usual offline variables)."""
-    return any(os.environ.get(v, "") not in ("", "0") for v in
-               ("MLX_GPTOSS_OFFLINE", "HF_HUB_OFFLINE", "TIKTOKEN_OFFLINE"))
 
 
 def _write_atomically(data: bytes, dest: Path) -> None:
