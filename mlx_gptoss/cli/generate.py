@@ -215,12 +215,13 @@ class Display:
             self._err("--- prompt ---\n" + self.tok.decode(tokens) + "\n--------------\n")
 
 
-def run_turn(chat, text: str, display: Display) -> Any:
-    """One user turn, streamed; returns the Reply. Ctrl-C propagates after the turn is undone."""
+def run_turn(chat, text: Any, display: Display) -> Any:
+    """One user turn (`text`, or a tool's result `Message` that resumes a turn), streamed;
+    returns the Reply. Ctrl-C propagates after the turn is undone."""
     from ..chat import Reply
     from ..harmony import Message, Role
 
-    user = Message.from_role_and_content(Role.USER, text)
+    user = text if isinstance(text, Message) else Message.from_role_and_content(Role.USER, text)
     if display.verbose:
         display.prompt(_preview(chat, user))
     stream = chat.stream(user)
@@ -257,6 +258,41 @@ def read_prompt(prompt: Optional[str]) -> str:
     return text
 
 
+def read_conversation(path: Optional[Path]) -> Optional[list]:
+    """The messages of a `--conversation` file (None: no option, or a file still to create),
+    read and validated before the model loads."""
+    from ..env import read_json
+    from ..errors import HarmonyError
+    from ..harmony import Conversation
+
+    if path is None or not path.exists():
+        return None
+    data = read_json(path, "conversation", expect=dict, error=HarmonyError)
+    try:
+        return list(Conversation.from_dict(data))
+    except HarmonyError as e:
+        raise HarmonyError(f"{path}: {e}") from None
+
+
+def ends_with_tool_result(messages: Optional[list]) -> bool:
+    from ..harmony import Role
+
+    return bool(messages) and messages[-1].author.role is Role.TOOL
+
+
+def continue_conversation(chat, messages: list) -> Any:
+    """Put saved `messages` into `chat`: a file with its own system/developer messages brings
+    their settings, one without keeps the command's. Returns the trailing tool result that
+    resumes the turn (taken off the history, `run_turn` adds it back), else None."""
+    from ..harmony import Role
+
+    if any(m.author.role in (Role.SYSTEM, Role.DEVELOPER) for m in messages):
+        chat.set_conversation(messages)
+    else:
+        chat.messages = list(messages)
+    return chat.messages.pop() if ends_with_tool_result(chat.messages) else None
+
+
 # --------------------------------------------------------------------------- the command
 
 
@@ -282,13 +318,23 @@ def generate(
     as_json: bool = typer.Option(False, "--json", help="One JSON event per line on stdout."),
     stats: Optional[bool] = STATS,
     verbose: bool = VERBOSE,
+    conversation: Optional[Path] = typer.Option(
+        None, "--conversation", help="Continue the conversation in this file (openai-harmony "
+        "JSON, as chat's /save writes; created if missing) and write the turn back to it. If "
+        "it ends with a tool's result, the turn resumes: no prompt."),
 ) -> None:
     """Generate an answer to one prompt (from --prompt or stdin).
 
     Function calls to tools from --tools have no implementation here: generation stops at the
-    first such call and prints it (`--json`: a tool_call event) so a script can answer it.
+    first such call and prints it (`--json`: a tool_call event). A script answers it by
+    appending the tool's message to the --conversation file and running generate again.
     """
-    text = read_prompt(prompt)
+    history = read_conversation(conversation)
+    resume = ends_with_tool_result(history)
+    if resume and prompt is not None:
+        raise GptOssError(f"{conversation} ends with a tool's result: continue it without "
+                          "--prompt")
+    text = None if resume else read_prompt(prompt)
     chat = load_chat(model, dtype, effort=reasoning_effort, system=system, developer=developer,
                      tools=tools, python=python, temperature=temperature, top_p=top_p,
                      top_k=top_k, min_p=min_p, seed=seed, max_tokens=max_tokens,
@@ -296,7 +342,12 @@ def generate(
     display = Display(chat.tokenizer, show_reasoning=show_reasoning, as_json=as_json,
                       verbose=verbose, stats=stats)
     try:
+        if history is not None:
+            tool_result = continue_conversation(chat, history)
+            text = tool_result if tool_result is not None else text
         reply = run_turn(chat, text, display)
+        if conversation is not None:
+            chat.save(conversation)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         raise typer.Exit(130) from None
