@@ -18,6 +18,8 @@ import typer
 from ..defaults import (DEFAULT_MAX_TOKENS, DEFAULT_REASONING_EFFORT, DEFAULT_TOOL_ROUNDS,
                         REASONING_EFFORTS as EFFORTS)
 from ..errors import GptOssError
+from ..harmony.constants import (ANALYSIS, FINAL, STOP_CALL, STOP_INVALID_CALL, STOP_LENGTH,
+                                 STOP_TOOL_ROUNDS)
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 
@@ -169,24 +171,24 @@ class Display:
             self.channel, self.recipient = event.channel, event.recipient
             if self.recipient:
                 self._err(f"[{event.channel or 'call'}] -> {self.recipient}: ")
-            elif self.channel == "analysis" and self.show_reasoning:
+            elif self.channel == ANALYSIS and self.show_reasoning:
                 self._err("[reasoning] ", dim=True)
-            elif self.channel not in ("final", "analysis"):
+            elif self.channel not in (FINAL, ANALYSIS):
                 self._err(f"[{self.channel}] ")
         elif isinstance(event, TextDelta):
             if self.recipient:
                 self._err(event.text)
-            elif self.channel == "final":
+            elif self.channel == FINAL:
                 self.out.write(event.text)
                 self.out.flush()
                 self.answer_open = True
-            elif self.channel == "analysis":
+            elif self.channel == ANALYSIS:
                 if self.show_reasoning:
                     self._err(event.text, dim=True)
             else:
                 self._err(event.text)
         elif isinstance(event, MessageEnd):
-            if self.channel != "final" and (self.channel != "analysis" or self.show_reasoning
+            if self.channel != FINAL and (self.channel != ANALYSIS or self.show_reasoning
                                             or self.recipient):
                 self._err("\n")
             self.channel = self.recipient = None
@@ -200,13 +202,13 @@ class Display:
                 self.out.write("\n")
                 self.out.flush()
                 self.answer_open = False
-            if event.stop == "length":
+            if event.stop == STOP_LENGTH:
                 self._err("[stopped: --max-tokens reached]\n")
-            elif event.stop == "tool_rounds":
+            elif event.stop == STOP_TOOL_ROUNDS:
                 self._err("[stopped: too many tool rounds]\n")
-            elif event.stop == "invalid_call":
+            elif event.stop == STOP_INVALID_CALL:
                 self._err("[stopped: the model called no tool by name]\n")
-            elif event.stop == "call":
+            elif event.stop == STOP_CALL:
                 call = event.messages[-1]
                 self._err(f"[stopped: no result for the call to {call.recipient}]\n")
 
@@ -353,7 +355,7 @@ def generate(
         raise typer.Exit(130) from None
     finally:
         chat.close()
-    if reply.stop == "call" and not as_json:
+    if reply.stop == STOP_CALL and not as_json:
         call = reply.messages[-1]
         print(json.dumps({"tool_call": {"recipient": call.recipient, "arguments": call.text()}}))
 
