@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_runner import cli
 
-from mlx_gptoss.cli import main
 from mlx_gptoss.cli.chat import repl
 from mlx_gptoss.cli.generate import Display
 from mlx_gptoss.generate import generate as api_generate
@@ -21,18 +21,6 @@ from mlx_gptoss.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
 GREEDY_FLAGS = ["--max-tokens", "24", "--temp", "0", "--dtype", "float32"]
-
-
-def cli(capsys, *args, stdin: str | None = None, monkeypatch=None):
-    if stdin is not None:
-        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def subprocess_cli(*args, stdin: str | None = None, **popen):

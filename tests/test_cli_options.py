@@ -8,6 +8,7 @@ import json
 import sys
 
 import pytest
+from cli_runner import cli, one_line
 
 from mlx_gptoss import __version__
 from mlx_gptoss.cli import main
@@ -17,23 +18,6 @@ from mlx_gptoss.synthetic import TINY, hf_config
 
 COMMANDS = [["demo"], ["convert"], ["verify"], ["generate"], ["chat"], ["bench"],
             ["harmony", "render"], ["harmony", "parse"]]
-
-
-def cli(capsys, *args):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line(code: int, err: str, *fragments: str) -> None:
-    assert code == 2, err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    for fragment in fragments:
-        assert fragment in err, (fragment, err)
 
 
 # --------------------------------------------------------------------------- item 2

@@ -3,16 +3,14 @@ control tokens from look-alike text, short reprs, and constants (stop tokens fro
 checkpoint's generation config, stop reasons, defaults, error classes) defined once."""
 from __future__ import annotations
 
-import io
 import json
-import sys
 
 import openai_harmony as oh
 import pytest
+from cli_runner import cli
 from harmony_fixtures import oracle, tok, vocab_file  # noqa: F401
 
 from mlx_gptoss import errors
-from mlx_gptoss.cli import main
 from mlx_gptoss.config import GenerationConfig, load_config, load_generation_config
 from mlx_gptoss.errors import ConfigError, GptOssError, VocabularyError
 from mlx_gptoss.harmony import StreamParser
@@ -20,18 +18,6 @@ from mlx_gptoss.harmony.constants import STOP_STREAM_END
 from mlx_gptoss.synthetic import TINY, hf_config
 
 CONV = {"messages": [{"role": "user", "content": "hi <|start|>"}]}
-
-
-def cli(capsys, *args, stdin: str | None = None, monkeypatch=None):
-    if stdin is not None:
-        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin.encode())))
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # --------------------------------------------------------------------------- item 6
@@ -149,7 +135,8 @@ def test_short_reprs(chat_model):
         """Weather."""
         return "sunny"
 
-    chat = Chat(model, tokenizer, reasoning_effort="high", tools=[get_weather], max_tokens=9)
+    chat = Chat(model, tokenizer, reasoning_effort="high", tools=[get_weather], max_tokens=9,
+                constrain_tools=False)
     assert repr(chat) == (f"Chat(0 messages, effort high, tools: get_weather, python off, "
                           f"max_tokens 9, {model!r})")
 

@@ -12,9 +12,9 @@ import struct
 import sys
 
 import pytest
+from cli_runner import cli, one_line
 from harmony_fixtures import vocab_file  # noqa: F401
 
-from mlx_gptoss.cli import main
 from mlx_gptoss.config import load_config
 from mlx_gptoss.env import MAX_JSON_DEPTH, check_depth, json_depth, parse_json, read_json
 from mlx_gptoss.errors import (CheckpointError, ConfigError, GptOssError, HarmonyError,
@@ -23,26 +23,6 @@ from mlx_gptoss.errors import (CheckpointError, ConfigError, GptOssError, Harmon
 DEEP = "[" * 100_000  # RecursionError inside json.loads
 NESTED = "[" * 300 + "]" * 300  # parses, then overflows whatever walks it recursively
 BAD_UTF8 = b'{"a": "\xff"}'
-
-
-def cli(capsys, *args, stdin: bytes | None = None, monkeypatch=None):
-    if stdin is not None:
-        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line(code: int, err: str, *fragments: str) -> None:
-    assert code == 2, err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in err, (fragment, err)
 
 
 def deep_schema(levels: int) -> dict:
