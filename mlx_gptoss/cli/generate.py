@@ -337,24 +337,27 @@ def generate(
         raise GptOssError(f"{conversation} ends with a tool's result: continue it without "
                           "--prompt")
     text = None if resume else read_prompt(prompt)
-    chat = load_chat(model, dtype, effort=reasoning_effort, system=system, developer=developer,
-                     tools=tools, python=python, temperature=temperature, top_p=top_p,
-                     top_k=top_k, min_p=min_p, seed=seed, max_tokens=max_tokens,
-                     max_tool_rounds=max_tool_rounds, json_schema=json_schema)
-    display = Display(chat.tokenizer, show_reasoning=show_reasoning, as_json=as_json,
-                      verbose=verbose, stats=stats)
+    chat = None
     try:
+        chat = load_chat(model, dtype, effort=reasoning_effort, system=system,
+                         developer=developer, tools=tools, python=python,
+                         temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                         seed=seed, max_tokens=max_tokens, max_tool_rounds=max_tool_rounds,
+                         json_schema=json_schema)
+        display = Display(chat.tokenizer, show_reasoning=show_reasoning, as_json=as_json,
+                          verbose=verbose, stats=stats)
         if history is not None:
             tool_result = continue_conversation(chat, history)
             text = tool_result if tool_result is not None else text
         reply = run_turn(chat, text, display)
         if conversation is not None:
             chat.save(conversation)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # while loading or generating
         print("\ninterrupted", file=sys.stderr)
         raise typer.Exit(130) from None
     finally:
-        chat.close()
+        if chat is not None:
+            chat.close()
     if reply.stop == STOP_CALL and not as_json:
         call = reply.messages[-1]
         print(json.dumps({"tool_call": {"recipient": call.recipient, "arguments": call.text()}}))
