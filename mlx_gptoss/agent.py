@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
+from .defaults import DEFAULT_TOOL_ROUNDS
 from .generate import GenerationResult
 from .harmony import (
     Conversation,
@@ -31,9 +32,15 @@ from .harmony import (
     Role,
     render_conversation_for_completion,
 )
+from .harmony.constants import (
+    ANALYSIS,
+    FINAL,
+    STOP_CALL,
+    STOP_INVALID_CALL,
+    STOP_TOOL_ROUNDS,
+)
 
 TURN_RENDER = RenderConversationConfig(auto_drop_analysis=True, drop_finished_turns=True)
-DEFAULT_TOOL_ROUNDS = 8
 
 
 class Router(Protocol):
@@ -67,12 +74,12 @@ class Reply:
 
     @property
     def text(self) -> str:
-        finals = [m for m in self.messages if m.author.role is Role.ASSISTANT and m.channel == "final"]
+        finals = [m for m in self.messages if m.author.role is Role.ASSISTANT and m.channel == FINAL]
         return finals[-1].text() if finals else ""
 
     @property
     def reasoning(self) -> str:
-        return "\n".join(m.text() for m in self.messages if m.channel == "analysis"
+        return "\n".join(m.text() for m in self.messages if m.channel == ANALYSIS
                          and m.author.role is Role.ASSISTANT and m.recipient is None)
 
     @property
@@ -116,20 +123,20 @@ def run_turn(generate: Callable[[list[int]], Iterable[Event | GenerationResult]]
             yield event
         generations.append(result)
         added.extend(result.messages)
-        if result.stop != "call":
+        if result.stop != STOP_CALL:
             stop = result.stop
             break
         if rounds >= max_tool_rounds:
-            stop = "tool_rounds"
+            stop = STOP_TOOL_ROUNDS
             break
         rounds += 1
         call = result.messages[-1] if result.messages else None
         if call is None or not call.recipient:  # <|call|> closed a message to nobody
-            stop = "invalid_call"
+            stop = STOP_INVALID_CALL
             break
         replies = router.process(call) if router is not None else []
         if not replies:
-            stop = "call"
+            stop = STOP_CALL
             break
         added.extend(replies)
         for reply in replies:

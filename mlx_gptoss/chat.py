@@ -34,14 +34,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from .agent import TURN_RENDER, Reply, ToolResult, render_turn, run_turn
 from .cache import PromptCache
 from .constrained import JsonSchemaConstraint
+from .defaults import DEFAULT_MAX_TOKENS, DEFAULT_TOOL_ROUNDS
+from .env import read_json
 from .errors import GptOssError, HarmonyError
-from .agent import DEFAULT_TOOL_ROUNDS, TURN_RENDER, Reply, ToolResult, render_turn, run_turn
-from .generate import DEFAULT_MAX_TOKENS, GenerationResult, LogitsProcessor, stream_generate
-from .prompts import developer_message, parse_effort, system_message
+from .generate import GenerationResult, LogitsProcessor, stream_generate
 from .harmony import (
     Author,
+    ChannelConfig,
     Conversation,
     DeveloperContent,
     Event,
@@ -54,6 +56,7 @@ from .harmony import (
     TextContent,
 )
 from .model import Model
+from .prompts import developer_message, parse_effort, system_message
 from .sampling import SamplingParams
 from .tools.functions import FunctionTool, ToolRegistry
 
@@ -64,6 +67,10 @@ ToolHandler = Callable[[Message], str]
 
 class Chat:
     """A conversation with the model: `chat.send("hi").text`, or stream with `chat.stream`."""
+
+    # System-message settings that only a loaded conversation changes (harmony's defaults).
+    knowledge_cutoff: str | None = SystemContent().knowledge_cutoff
+    channel_config: ChannelConfig | None = None  # None: harmony's required analysis/commentary/final
 
     def __init__(self, model: Model, tokenizer: HarmonyTokenizer, *,
                  instructions: str | None = None, system: str | None = None,
@@ -105,8 +112,12 @@ class Chat:
 
     def header(self) -> list[Message]:
         """The system and developer messages this chat's settings render to."""
-        messages = [system_message(reasoning_effort=self.reasoning_effort, identity=self.system,
-                                   date=self.date, python_tool=self.python is not None)]
+        system = system_message(reasoning_effort=self.reasoning_effort, identity=self.system,
+                                date=self.date, python_tool=self.python is not None)
+        system.content[0].knowledge_cutoff = self.knowledge_cutoff
+        if self.channel_config is not None:
+            system.content[0].channel_config = self.channel_config
+        messages = [system]
         constraint = self.json_constraint()
         dev = developer_message(self.instructions, self.tools.descriptions(),
                                 constraint.response_format if constraint else None)
@@ -160,12 +171,9 @@ class Chat:
 
     def load(self, path: str | os.PathLike) -> None:
         """Replace history and settings with a saved conversation (openai-harmony JSON)."""
+        data = read_json(path, "saved chat", expect=dict, error=HarmonyError)
         try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (OSError, ValueError) as e:  # ValueError: not UTF-8, or a NUL byte in the name
-            raise GptOssError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
-        try:
-            conversation = Conversation.from_json(text)
+            conversation = Conversation.from_dict(data)
         except HarmonyError as e:
             raise HarmonyError(f"{path}: {e}") from None
         self.set_conversation(conversation)
@@ -173,8 +181,11 @@ class Chat:
     def set_conversation(self, conversation: Conversation | Iterable[Message]) -> None:
         """Replace history and settings: the conversation's system and developer messages
         define effort, identity, date, instructions, function tools and response format (what
-        they leave out is unset). A declared function keeps its registered Python callable.
-        Invalid settings raise before anything changes."""
+        they leave out is unset), and knowledge cutoff, channel config and the python tool. A
+        declared function keeps its registered Python callable. The python tool is never
+        switched on by a file (model-written code runs only when the user opts in): loading a
+        conversation that uses it into a chat without it raises. Invalid settings raise before
+        anything changes."""
         system, developer, history = SystemContent(), DeveloperContent(), []
         for message in conversation:
             part = message.content[0] if len(message.content) == 1 else None
@@ -195,6 +206,15 @@ class Chat:
             raise GptOssError(f"a chat takes one response format; the conversation has {len(formats)}")
         response_format = formats[0] if formats else None
         constraint = self._compile_constraint(tools, response_format)  # a bad schema raises here
+        uses_python = "python" in (system.tools or {})
+        if uses_python and self.python is None:
+            raise GptOssError("the conversation uses the python tool, which this chat does not "
+                              "have: enable it (--python) to load it")
+        if not uses_python and self.python is not None:
+            self.python.close()
+            self.python = None
+        self.knowledge_cutoff = system.knowledge_cutoff
+        self.channel_config = system.channel_config
         self.reasoning_effort = system.reasoning_effort
         self.system = None if system.model_identity == SystemContent().model_identity \
             else system.model_identity
@@ -290,6 +310,13 @@ class Chat:
     def close(self) -> None:
         if self.python is not None:
             self.python.close()
+
+    def __repr__(self) -> str:
+        effort = self.reasoning_effort.value.lower() if self.reasoning_effort else "none"
+        tools = ", ".join(self.tools.tools) or "none"
+        return (f"Chat({len(self.messages)} messages, effort {effort}, tools: {tools}, python "
+                f"{'on' if self.python is not None else 'off'}, max_tokens {self.max_tokens}, "
+                f"{self.model!r})")
 
     def __enter__(self) -> "Chat":
         return self

@@ -39,7 +39,6 @@ add keys; without `maxLength` a string may run on), so a confused model can stil
 from __future__ import annotations
 
 import functools
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +49,7 @@ import llguidance.tiktoken
 import mlx.core as mx
 import numpy as np
 
+from .env import check_depth, parse_json, read_json
 from .errors import SchemaError
 from .harmony.messages import ResponseFormat, Role, ToolDescription
 from .harmony.parser import State, StreamParser
@@ -70,12 +70,9 @@ Schema = dict | bool
 def json_schema_of(schema: Any) -> Schema:
     """A JSON Schema from a dict (or bool), JSON text, or a pydantic model class."""
     if isinstance(schema, (dict, bool)):
-        return schema
+        return check_depth(schema, "JSON Schema", SchemaError)
     if isinstance(schema, str):
-        try:
-            return json_schema_of(json.loads(schema))
-        except ValueError as e:
-            raise SchemaError(f"JSON Schema text is not valid JSON ({e})") from None
+        return json_schema_of(parse_json(schema, "JSON Schema text", error=SchemaError))
     if isinstance(schema, type) and hasattr(schema, "model_json_schema"):
         return schema.model_json_schema()
     raise SchemaError(f"a JSON Schema must be a dict or a pydantic model class, got {type(schema).__name__}")
@@ -83,17 +80,7 @@ def json_schema_of(schema: Any) -> Schema:
 
 def load_json_schema(path: str | Path) -> Schema:
     """Read a schema file (for `--json-schema FILE`); errors name the file."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise SchemaError(f"{path}: cannot read the JSON Schema ({getattr(e, 'strerror', None) or e})") from None
-    try:
-        schema = json.loads(text)
-    except ValueError as e:
-        raise SchemaError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(schema, (dict, bool)):
-        raise SchemaError(f"{path}: a JSON Schema must be an object, got {type(schema).__name__}")
-    return schema
+    return read_json(path, "JSON Schema", expect=(dict, bool), error=SchemaError)
 
 
 def response_format_of(schema: Any, name: str | None = None,

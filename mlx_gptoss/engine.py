@@ -37,9 +37,9 @@ from typing import Any, Callable, Iterator, Sequence
 import mlx.core as mx
 
 from .cache import DEFAULT_SLIDING_SLACK, PromptCache, PromptCachePool
+from .defaults import DEFAULT_MAX_TOKENS
 from .errors import GptOssError
 from .generate import (
-    DEFAULT_MAX_TOKENS,
     GenerationResult,
     GenerationStats,
     HarmonyRequest,

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import mlx.core as mx
 
 from .cache import PromptCache
+from .defaults import DEFAULT_MAX_TOKENS
 from .errors import GptOssError
 from .harmony import (
     AnswerDone,
@@ -41,12 +42,19 @@ from .harmony import (
     TextDelta,
     ToolCall,
 )
+from .harmony.constants import (
+    ANALYSIS,
+    FINAL,
+    STOP_CALL,
+    STOP_ENDOFTEXT,
+    STOP_LENGTH,
+    STOP_RETURN,
+)
 from .model import PREFILL_CHUNK, Model, prefill
 from .prompts import Prompt, render_prompt
 from .sampling import SamplingParams, make_sampler
 
 LogitsProcessor = Callable[[list, mx.array], mx.array]
-DEFAULT_MAX_TOKENS = 4096
 
 
 @dataclass
@@ -96,11 +104,11 @@ class GenerationResult:
     @property
     def text(self) -> str:
         """The final answer (the `final` channel), or "" when there is none."""
-        return "".join(m.text() for m in self.messages if m.channel == "final")
+        return "".join(m.text() for m in self.messages if m.channel == FINAL)
 
     @property
     def reasoning(self) -> str:
-        return "".join(m.text() for m in self.messages if m.channel == "analysis")
+        return "".join(m.text() for m in self.messages if m.channel == ANALYSIS)
 
     @property
     def tool_calls(self) -> list[Message]:
@@ -215,13 +223,13 @@ class HarmonyRequest:
         last = tokens[-1] if tokens else None
         events: list[Event] = []
         if last == tok.return_:
-            stop = "return"
+            stop = STOP_RETURN
         elif last == tok.call:
-            stop = "call"
+            stop = STOP_CALL
         elif last == tok.endoftext:
-            stop = "eos"
+            stop = STOP_ENDOFTEXT
         else:
-            stop = "length"
+            stop = STOP_LENGTH
             events = list(self.parser.finish())
         return events, GenerationResult(tokens, list(self.parser.messages), stop, stats, self.ids)
 
@@ -254,7 +262,9 @@ def prepare_request(model: Model, tokenizer: HarmonyTokenizer, prompt: Prompt, *
     functions = prompt_options.get("functions", ()) if constrain_tools else ()
     constraint = None
     if response_format is not None or functions:
-        from .constrained import JsonSchemaConstraint  # llguidance only when constraining
+        from .constrained import (
+            JsonSchemaConstraint,  # llguidance only when constraining
+        )
 
         constraint = JsonSchemaConstraint.from_schema(tokenizer, response_format, tools=functions)
         if response_format is not None and isinstance(prompt, str):
@@ -267,8 +277,9 @@ def prepare_request(model: Model, tokenizer: HarmonyTokenizer, prompt: Prompt, *
     for processor in processors:
         if hasattr(processor, "bind"):
             processor.bind(parser)
-    return HarmonyRequest(ids, sampling, max_tokens, processors, parser,
-                          frozenset(tokenizer.eos_token_ids))
+    config = getattr(model, "generation_config", None)  # set by `load` from the model dir
+    stops = config.stop_tokens(tokenizer) if config is not None else tokenizer.eos_token_ids
+    return HarmonyRequest(ids, sampling, max_tokens, processors, parser, frozenset(stops))
 
 
 def stream_generate(model: Model, tokenizer: HarmonyTokenizer, prompt: Prompt, *,

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Union
 
+from ..env import parse_json
 from ..errors import HarmonyError
+from .constants import CHANNELS
 
 
 class Role(str, Enum):
@@ -32,7 +34,7 @@ class ReasoningEffort(str, Enum):
 
 DEFAULT_IDENTITY = "You are ChatGPT, a large language model trained by OpenAI."
 DEFAULT_KNOWLEDGE_CUTOFF = "2024-06"
-DEFAULT_CHANNELS = ("analysis", "commentary", "final")
+DEFAULT_CHANNELS = CHANNELS
 
 
 @dataclass
@@ -328,12 +330,15 @@ class Conversation:
         return conversation
 
     @classmethod
-    def from_json(cls, payload: str | bytes) -> "Conversation":
+    def from_json(cls, payload: str | bytes, what: str | None = None) -> "Conversation":
+        """Parse openai-harmony's JSON; errors start with `what` (the file's name, say)."""
+        data = parse_json(payload, what or "conversation", error=HarmonyError)
         try:
-            data = json.loads(payload)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise HarmonyError(f"conversation is not valid JSON: {e}") from None
-        return cls.from_dict(data)
+            return cls.from_dict(data)
+        except HarmonyError as e:
+            if what is None:
+                raise
+            raise HarmonyError(f"{what}: {e}") from None
 
 
 # --------------------------------------------------------------------------- reading JSON
