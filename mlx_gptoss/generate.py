@@ -125,9 +125,10 @@ def generate_tokens(model: Model, prompt: Sequence[int], *, sampler: Callable[[m
                     prefill_chunk: int = PREFILL_CHUNK) -> Iterator[int]:
     """Yield sampled token ids, the stop token included, until a stop token or `max_tokens`.
 
-    Without logits processors the next step's graph is queued before the current token is read
-    (`mx.async_eval`), so the device never waits for Python; the one step computed past a stop
-    token is rolled back. An exception (Ctrl-C) or closing the generator leaves `prompt_cache`
+    The next step's forward pass is queued before the current token is read (`mx.async_eval`),
+    with or without logits processors (they only mask the next token's logits, after the
+    consumer has seen this one), so the device never waits for Python; the one step computed
+    past a stop token is rolled back. An exception (Ctrl-C) or closing the generator leaves `prompt_cache`
     consistent with its tokens.
     """
     if max_tokens < 1:
@@ -171,11 +172,16 @@ def generate_tokens(model: Model, prompt: Sequence[int], *, sampler: Callable[[m
         mx.async_eval(y)
         prompt_done = time.perf_counter()
         stats.prompt_time = prompt_done - start
-        pipelined = not processors
         while True:
             queued = None
-            if pipelined and len(generated) + 1 < max_tokens:
-                queued = choose(feed(y))
+            if len(generated) + 1 < max_tokens:
+                # The next step's forward pass is queued before this token is read. Without
+                # processors its sampling is queued too; with them, the forward runs while
+                # the consumer (the parser a processor reads) takes `token`, and the
+                # processors mask its logits afterwards.
+                queued = feed(y)
+                if not processors:
+                    queued = choose(queued)
                 mx.async_eval(queued)
             token = int(y.item())
             generated.append(token)
@@ -186,16 +192,10 @@ def generate_tokens(model: Model, prompt: Sequence[int], *, sampler: Callable[[m
                 cache.rollback(safe)  # drop the step computed past the end
                 yield token
                 return
-            if queued is not None:  # already fed: the cache holds `token`
-                cache.advance([token])
-                safe = cache.checkpoint()
-                y = queued
-                yield token
-            else:  # the consumer (the parser a processor reads) sees `token` first
-                yield token
-                y = choose(feed(y))
-                cache.advance([token])
-                safe = cache.checkpoint()
+            cache.advance([token])  # already fed: the cache holds `token`
+            safe = cache.checkpoint()
+            yield token
+            y = choose(queued) if processors else queued
     except BaseException:
         cache.rollback(safe)
         raise
@@ -257,8 +257,6 @@ def prepare_request(model: Model, tokenizer: HarmonyTokenizer, prompt: Prompt, *
     work), bind the processors to a fresh parser. See `stream_generate` for the arguments."""
     if max_tokens < 1:
         raise GptOssError(f"max_tokens must be at least 1, got {max_tokens}")
-    sampling = sampling_for(model, sampling, temperature=temperature, top_p=top_p, top_k=top_k,
-                            min_p=min_p, seed=seed)
     functions = prompt_options.get("functions", ()) if constrain_tools else ()
     constraint = None
     if response_format is not None or functions:
@@ -270,6 +268,8 @@ def prepare_request(model: Model, tokenizer: HarmonyTokenizer, prompt: Prompt, *
         if response_format is not None and isinstance(prompt, str):
             prompt_options["response_format"] = constraint.response_format
     ids = render_prompt(prompt, tokenizer, render_config, **prompt_options)
+    sampling = sampling_for(model, sampling, temperature=temperature, top_p=top_p, top_k=top_k,
+                            min_p=min_p, seed=seed)
     processors = list(logits_processors)
     if constraint is not None:
         processors.append(constraint.processor(ids))
