@@ -26,6 +26,8 @@ import sys
 import tempfile
 import time
 
+from ..harmony import ToolNamespaceConfig
+
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_MEMORY_BYTES = 2 << 30
 DEFAULT_FILE_BYTES = 256 << 20
@@ -205,3 +207,23 @@ class PythonTool:
             self.restart()
         except Exception:
             pass
+
+
+def python_instructions(timeout: float, workdir: str, internet: str) -> str:
+    """The python namespace text, stating the real timeout, directory and network access
+    (with 120.0 s, /mnt/data and "UNKNOWN. Depends on the cluster" it is the trained text)."""
+    return (
+        "Use this tool to execute Python code in your chain of thought. The code will not be shown "
+        "to the user. This tool should be used for internal reasoning, but not for code that is "
+        "intended to be visible to the user (e.g. when creating plots, tables, or files).\n\n"
+        "When you send a message containing Python code to python, it will be executed in a "
+        "stateful Jupyter notebook environment. python will respond with the output of the "
+        f"execution or time out after {float(timeout)!r} seconds. The drive at '{workdir}' can be "
+        f"used to save and persist user files. Internet access for this session is {internet}."
+    )
+
+
+def trained_namespace() -> ToolNamespaceConfig:
+    """The namespace exactly as gpt-oss was trained on (and openai-harmony renders)."""
+    return ToolNamespaceConfig("python", [], python_instructions(
+        120.0, "/mnt/data", "UNKNOWN. Depends on the cluster"))
