@@ -41,6 +41,15 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def do_POST(self):  # an Exa-format search endpoint
+        payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.headers.get("x-api-key") != "test-key":
+            self.send(401, b'{"error": "bad key"}', "application/json")
+            return
+        results = [{"title": f"exa {i}", "url": f"https://example.com/{i}", "text": "body\n text"}
+                   for i in range(payload["numResults"] + 2)]
+        self.send(200, json.dumps({"results": results}).encode(), "application/json")
+
     def do_GET(self):
         url = urlsplit(self.path)
         port = self.server.server_address[1]
@@ -291,3 +300,18 @@ def test_scripted_model_searches_then_opens_through_the_router(server):
         assert "[1] MLX & gpt-oss" in tokenizer.decode(model.prefills[-1])
         text, [citation] = router["browser"].cite(result.text)
         assert text == f"MLX is lazy ([127.0.0.1]({server}/article?r=1))."
+
+
+def test_exa_and_provider_specs(server):
+    from mlx_gptoss.tools.search import ExaSearch, SearxngSearch, search_provider
+    from mlx_gptoss.tools.base import ToolError
+
+    results = ExaSearch(api_key="test-key", url=server).search("q", 2)
+    assert [(r.title, r.url, r.snippet) for r in results] == [
+        ("exa 0", "https://example.com/0", "body text"), ("exa 1", "https://example.com/1", "body text")]
+    with pytest.raises(FetchError, match="HTTP 401"):
+        ExaSearch(api_key="wrong", url=server).search("q", 2)
+    assert isinstance(search_provider(f"searxng:{server}"), SearxngSearch)
+    for bad in ("bing", "searxng:ftp://x", "exa:extra"):
+        with pytest.raises(ToolError, match="expected"):
+            search_provider(bad)

@@ -210,3 +210,27 @@ def test_the_router_sends_python_calls_to_the_tool(sandboxed):
     [reply] = ToolRouter([sandboxed]).process(call)
     assert (reply.author.name, reply.text(), reply.recipient, reply.channel) == (
         "python", "hi\n", "assistant", "analysis")
+
+
+def test_each_run_can_be_confirmed(sandboxed):
+    asked = []
+    sandboxed.confirm = lambda code: asked.append(code) or code != "print('no')"
+    call = Message(Author(Role.ASSISTANT), [TextContent("print('yes')")], "analysis", "python", "code")
+    assert sandboxed.process(call)[0].text() == "yes\n"
+    call.content = [TextContent("print('no')")]
+    assert sandboxed.process(call)[0].text() == "error: the user declined to run this code"
+    assert asked == ["print('yes')", "print('no')"]
+
+
+def test_the_macos_profile_denies_network_fork_and_home(tmp_path):
+    profile = python_module._seatbelt_profile(str(tmp_path / "work"), str(tmp_path / "tmp"))
+    assert "(deny default)" in profile and "(deny network*)" in profile
+    assert "(deny process-fork)" in profile
+    [writes] = [line for line in profile.splitlines() if line.startswith("(allow file-write*")]
+    assert writes == (f'(allow file-write* (subpath "{tmp_path / "work"}") '
+                      f'(subpath "{tmp_path / "tmp"}") (literal "/dev/null"))')
+    home = os.path.realpath(os.path.expanduser("~"))
+    reads = [p for p in profile.split('"') if p.startswith("/")]
+    assert all(not p.startswith(home) or p.startswith(sys.base_prefix) or p.startswith(sys.prefix)
+               or p.startswith(os.path.dirname(python_module.__file__)) or p.startswith(str(tmp_path))
+               for p in reads)

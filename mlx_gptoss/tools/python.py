@@ -36,6 +36,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 from ..harmony import Message, ToolNamespaceConfig
 from .base import Tool, ToolError
@@ -150,7 +151,9 @@ class PythonTool(Tool):
 
     `workdir`: the session directory (created, and removed on close, when not given); it
     persists across calls and restarts. `unsafe_no_sandbox`: run without isolation where no
-    sandbox works (see the module docstring for what that leaves open).
+    sandbox works (see the module docstring for what that leaves open). `confirm(code) ->
+    bool`: asked before each run (interactive chat; `--python-auto` leaves it out); a refusal
+    is the reply the model reads.
     """
 
     name = "python"
@@ -158,13 +161,15 @@ class PythonTool(Tool):
     def __init__(self, *, timeout: float = DEFAULT_TIMEOUT_S, workdir: str | os.PathLike | None = None,
                  memory_limit: int = DEFAULT_MEMORY_BYTES, file_limit: int = DEFAULT_FILE_BYTES,
                  max_processes: int = DEFAULT_MAX_PROCESSES, cpu_seconds: int = DEFAULT_CPU_SECONDS,
-                 max_output: int = DEFAULT_MAX_OUTPUT, unsafe_no_sandbox: bool = False):
+                 max_output: int = DEFAULT_MAX_OUTPUT, unsafe_no_sandbox: bool = False,
+                 confirm: Callable[[str], bool] | None = None):
         self.timeout = timeout
         self.memory_limit = memory_limit
         self.file_limit = file_limit
         self.max_processes = max_processes
         self.cpu_seconds = cpu_seconds
         self.max_output = max_output
+        self.confirm = confirm
         self._own_workdir = workdir is None
         self.workdir = str(Path(workdir).resolve()) if workdir else None
         self.sandbox, reason = self._choose_sandbox()
@@ -190,7 +195,10 @@ class PythonTool(Tool):
             self.timeout, self.model_workdir, internet))
 
     def process(self, message: Message) -> list[Message]:
-        return [self.reply(message, self.run(message.text()))]
+        code = message.text()
+        if self.confirm is not None and not self.confirm(code):
+            return [self.reply(message, "error: the user declined to run this code")]
+        return [self.reply(message, self.run(code))]
 
     # ----------------------------------------------------------------- running code
 
@@ -284,17 +292,18 @@ class PythonTool(Tool):
         workdir = self._session_dir()
         limits = [str(self.memory_limit), str(self.file_limit), str(self.max_processes),
                   str(self.cpu_seconds)]
-        worker = ["supervisor", *limits]
         if self.sandbox == "bwrap":
+            worker = ["supervisor", *limits, "[]"]
             command, env, cwd = _bwrap_command(bwrap_binary(), workdir, worker), {}, workdir
         else:
             self._tmpdir = tempfile.mkdtemp(prefix="mlx-gptoss-python-tmp-")
             env, cwd = _environment(workdir, self._tmpdir), workdir
-            command = [sys.executable, "-I", str(WORKER), *worker]
+            prefix = []
             if self.sandbox == "seatbelt":
-                command = ["/usr/bin/sandbox-exec", "-p",
-                           _seatbelt_profile(os.path.realpath(workdir), os.path.realpath(self._tmpdir)),
-                           *command]
+                # Only the kernel is confined (it may not fork): the supervisor must start it.
+                prefix = ["/usr/bin/sandbox-exec", "-p", _seatbelt_profile(
+                    os.path.realpath(workdir), os.path.realpath(self._tmpdir))]
+            command = [sys.executable, "-I", str(WORKER), "supervisor", *limits, json.dumps(prefix)]
         self.cgroup = _pids_cgroup() if os.geteuid() == 0 else None
         if self.cgroup is not None:
             (self.cgroup / "pids.max").write_text(str(self.max_processes))

@@ -27,10 +27,15 @@ PR_SET_CHILD_SUBREAPER = 36
 
 def limit(kind: int, value: int) -> None:
     if value > 0:
-        resource.setrlimit(kind, (value, value))
+        try:
+            resource.setrlimit(kind, (value, value))
+        except (ValueError, OSError):  # macOS refuses some (RLIMIT_AS); Linux applies all
+            if sys.platform.startswith("linux"):
+                raise
 
 
-def supervisor(memory: int, file_size: int, processes: int, cpu: int) -> None:
+def supervisor(memory: int, file_size: int, processes: int, cpu: int, prefix: list) -> None:
+    """`prefix`: the command that wraps the kernel (macOS: sandbox-exec and its profile)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
@@ -65,7 +70,7 @@ def supervisor(memory: int, file_size: int, processes: int, cpu: int) -> None:
             limit(resource.RLIMIT_CPU, cpu)
 
         process = subprocess.Popen(
-            [sys.executable, "-I", os.path.abspath(__file__), "kernel", str(done_w)],
+            [*prefix, sys.executable, "-I", os.path.abspath(__file__), "kernel", str(done_w)],
             stdin=code_r, stdout=appending, stderr=appending, pass_fds=(done_w,),
             preexec_fn=limits, close_fds=True)
         os.close(code_r)
@@ -190,6 +195,6 @@ def run(code: str, namespace: dict) -> str:
 
 if __name__ == "__main__":
     if sys.argv[1] == "supervisor":
-        supervisor(*map(int, sys.argv[2:6]))
+        supervisor(*map(int, sys.argv[2:6]), json.loads(sys.argv[6]))
     else:
         kernel(int(sys.argv[2]))
