@@ -82,6 +82,14 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"<p>start")
             self.wfile.flush()
             self.release.wait(30)
+        elif url.path == "/latin1":
+            self.send(200, "<meta charset='iso-8859-1'><p>Café</p>".encode("latin-1"), "text/html")
+        elif url.path == "/gzip-bomb":
+            import gzip
+            self.send(200, gzip.compress(b"<p>" + b"x" * 10_000_000), headers={"Content-Encoding": "gzip"})
+        elif url.path == "/gzip":
+            import gzip
+            self.send(200, gzip.compress(b"<p>zipped</p>"), headers={"Content-Encoding": "gzip"})
         elif url.path == "/image":
             self.send(200, b"\x89PNG....", "image/png")
         else:
@@ -315,3 +323,11 @@ def test_exa_and_provider_specs(server):
     for bad in ("bing", "searxng:ftp://x", "exa:extra"):
         with pytest.raises(ToolError, match="expected"):
             search_provider(bad)
+
+
+def test_charset_from_meta_and_bounded_gzip(server):
+    fetcher = Fetcher(allow_private=True, max_bytes=1_000_000)
+    assert "Café" in fetcher.get(f"{server}/latin1").text()
+    assert fetcher.get(f"{server}/gzip").body == b"<p>zipped</p>"
+    with pytest.raises(FetchError, match="larger than 1000000 bytes"):
+        fetcher.get(f"{server}/gzip-bomb")

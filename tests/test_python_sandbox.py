@@ -155,6 +155,9 @@ def test_a_malformed_reply_restarts_instead_of_crashing(sandboxed, monkeypatch):
         monkeypatch.setattr(sandboxed, "_read_line", lambda *a, line=line: line)
         assert "malformed reply; the session was restarted" in sandboxed.run("1")
         monkeypatch.undo()
+    monkeypatch.setattr(sandboxed, "_read_line", lambda *a: b"")  # EOF: the sandbox died
+    assert "exited before answering" in sandboxed.run("1")
+    monkeypatch.undo()
     assert "NameError" in sandboxed.run("kept")  # restarted
     assert sandboxed.run("2 + 2") == "4\n"
 
@@ -234,3 +237,13 @@ def test_the_macos_profile_denies_network_fork_and_home(tmp_path):
     assert all(not p.startswith(home) or p.startswith(sys.base_prefix) or p.startswith(sys.prefix)
                or p.startswith(os.path.dirname(python_module.__file__)) or p.startswith(str(tmp_path))
                for p in reads)
+
+
+def test_the_code_cannot_kill_the_supervisor_and_a_dead_sandbox_restarts(sandboxed):
+    sandboxed.run("kept = 1")
+    # pid 1 is the supervisor, the namespace's init: the kernel cannot signal it to death.
+    assert sandboxed.run("import os, signal; os.kill(1, signal.SIGKILL)") == ""
+    assert sandboxed.run("kept") == "1\n"
+    sandboxed.worker.kill()
+    sandboxed.worker.wait()
+    assert sandboxed.run("40 + 2") == "42\n"  # a fresh sandbox

@@ -226,6 +226,11 @@ class PythonTool(Tool):
             self.restart()
             return (f"error: timed out after {self.timeout:g} s; the python session was "
                     "restarted and its state is lost")
+        if not line:
+            code_ = process.wait()
+            self.restart()
+            return (f"error: the python sandbox exited before answering (exit code {code_}); "
+                    "the session was restarted and its state is lost")
         try:
             reply = json.loads(line)
             if not isinstance(reply, dict) or reply.get("nonce") != nonce:

@@ -31,6 +31,7 @@ import re
 import socket
 import ssl
 import time
+import zlib
 from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
 
@@ -57,7 +58,15 @@ class Response:
     charset: str | None = None
 
     def text(self) -> str:
-        return self.body.decode(self.charset or "utf-8", errors="replace")
+        """The body decoded by the header's charset, else a `<meta charset>`, else UTF-8."""
+        charset = self.charset
+        if charset is None:
+            meta = re.search(rb"<meta[^>]+charset=[\"']?([\w.:-]+)", self.body[:4096], re.I)
+            charset = meta.group(1).decode("ascii") if meta else "utf-8"
+        try:
+            return self.body.decode(charset, errors="replace")
+        except LookupError:  # an unknown charset name
+            return self.body.decode("utf-8", errors="replace")
 
 
 @dataclass
@@ -109,6 +118,7 @@ class Fetcher:
             if reply.status in (301, 302, 303, 307, 308) and reply.getheader("Location"):
                 return Response(url, reply.status, "", b""), reply.getheader("Location")
             data = self._read(reply, deadline)
+            data = self._decode(data, (reply.getheader("Content-Encoding") or "").lower())
         except (OSError, http.client.HTTPException) as e:
             raise FetchError(f"cannot fetch {url}: {e or type(e).__name__}") from None
         finally:
@@ -136,6 +146,19 @@ class Fetcher:
     def _allowed(self, address: str) -> bool:
         ip = ipaddress.ip_address(address.split("%")[0])
         return any(ip in ipaddress.ip_network(net, strict=False) for net in self.allowed_networks)
+
+    def _decode(self, data: bytes, encoding: str) -> bytes:
+        """Undo gzip/deflate (sent despite `Accept-Encoding: identity`), within `max_bytes`."""
+        if encoding not in ("gzip", "x-gzip", "deflate"):
+            return data
+        inflater = zlib.decompressobj(zlib.MAX_WBITS | 32 if "gzip" in encoding else zlib.MAX_WBITS)
+        try:
+            out = inflater.decompress(data, self.max_bytes + 1)
+        except zlib.error as e:
+            raise FetchError(f"bad {encoding} body: {e}") from None
+        if len(out) > self.max_bytes or inflater.unconsumed_tail:
+            raise FetchError(f"the page is larger than {self.max_bytes} bytes")
+        return out
 
     def _read(self, reply: http.client.HTTPResponse, deadline: float) -> bytes:
         chunks, size = [], 0
