@@ -227,9 +227,9 @@ class PythonTool(Tool):
             return (f"error: timed out after {self.timeout:g} s; the python session was "
                     "restarted and its state is lost")
         if not line:
-            code_ = process.wait()
-            self.restart()
-            return (f"error: the python sandbox exited before answering (exit code {code_}); "
+            self.restart()  # kills (if still alive) and reaps it
+            return (f"error: the python sandbox exited before answering (exit code "
+                    f"{process.returncode}); "
                     "the session was restarted and its state is lost")
         try:
             reply = json.loads(line)
