@@ -247,3 +247,10 @@ def test_the_code_cannot_kill_the_supervisor_and_a_dead_sandbox_restarts(sandbox
     sandboxed.worker.kill()
     sandboxed.worker.wait()
     assert sandboxed.run("40 + 2") == "42\n"  # a fresh sandbox
+
+
+def test_by_default_the_model_reads_its_trained_text_but_the_true_network_line():
+    trained = python_module.trained_namespace().description
+    with make(timeout=python_module.DEFAULT_TIMEOUT_S) as tool:
+        assert tool.namespace_config().description == trained.replace(
+            "UNKNOWN. Depends on the cluster", "disabled")
