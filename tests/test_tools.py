@@ -146,9 +146,9 @@ def test_python_state_persists_and_runs_elsewhere(python):
     worker_pid = int(python.run("import os; os.getpid()"))
     assert worker_pid not in (os.getpid(), os.getppid())
     cwd = python.run("os.getcwd()").strip().strip("'")
-    assert cwd == python.workdir and cwd != os.getcwd()
+    assert cwd == python.model_workdir and python.workdir != os.getcwd()
     assert python.run("open('f.txt', 'w').write('hi')") == "2\n"
-    assert os.path.exists(os.path.join(cwd, "f.txt"))
+    assert os.path.exists(os.path.join(python.workdir, "f.txt"))
     assert python.run("import subprocess; subprocess.run(['echo', 'child'])\nNone") == "child\n"
 
 

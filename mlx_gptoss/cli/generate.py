@@ -104,8 +104,18 @@ MIN_P = typer.Option(None, "--min-p", help="Default 0.0 (off).")
 SEED = typer.Option(None, "--seed", help="Make sampling reproducible.")
 TOOLS = typer.Option(None, "--tools", help="JSON list of OpenAI-style function tools.")
 PYTHON = typer.Option(False, "--python", help=(
-    "Let the model run Python in a separate, resource-limited process "
-    "(not a security sandbox: its code can read and write your files)."))
+    "Let the model run Python in an OS sandbox (Linux: bubblewrap; macOS: sandbox-exec): no "
+    "network, writes only in its session directory. See docs/tools.md."))
+PYTHON_AUTO = typer.Option(False, "--python-auto",
+                           help="Run the model's python code without asking before each run.")
+PYTHON_UNSAFE = typer.Option(False, "--python-unsafe-no-sandbox", help=(
+    "Where no OS sandbox works, run python code WITHOUT isolation: it can read your files and "
+    "environment and use the network."))
+BROWSER = typer.Option(False, "--browser", help="Let the model search and open web pages.")
+BROWSER_SEARCH = typer.Option(None, "--browser-search",
+                              help="Search provider: exa (EXA_API_KEY), searxng:URL or ddgs.")
+BROWSER_ALLOW_PRIVATE = typer.Option(False, "--browser-allow-private", help=(
+    "Let the browser open private, loopback and link-local addresses (blocked by default)."))
 MAX_TOOL_ROUNDS = typer.Option(DEFAULT_TOOL_ROUNDS, "--max-tool-rounds", min=0, metavar="<int>",
                                help="Tool calls per turn.")
 JSON_SCHEMA = typer.Option(None, "--json-schema",

@@ -20,7 +20,8 @@ from typing import Any, Callable, Iterable, Literal, Union
 
 from ..env import parse_json, read_json
 from ..errors import GptOssError, ToolsFileError
-from ..harmony import ToolDescription
+from ..harmony import Message, ToolDescription, ToolNamespaceConfig
+from .base import Tool
 
 NAMESPACE = "functions"
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
@@ -253,3 +254,34 @@ class ToolRegistry:
         if tool is None:
             return _error(f"unknown function {name!r}; available: {', '.join(self.tools) or 'none'}")
         return tool.run(arguments)
+
+
+class FunctionsTool(Tool):
+    """The `functions` namespace behind the `ToolRouter`: runs a registered callable; a
+    function without one (from a tools file) goes to `on_call(call) -> str` when given, else
+    `process` returns [] and the caller answers it."""
+
+    name = NAMESPACE
+    placement = "developer"
+
+    def __init__(self, tools: Iterable[FunctionTool | Callable[..., Any]] | ToolRegistry = (),
+                 on_call: Callable[[Message], str] | None = None):
+        self.registry = tools if isinstance(tools, ToolRegistry) else ToolRegistry(tools)
+        self.on_call = on_call
+
+    def namespace_config(self) -> ToolNamespaceConfig:
+        return ToolNamespaceConfig(NAMESPACE, self.registry.descriptions(), None)
+
+    def handles(self, recipient: str) -> bool:
+        # Any functions.* recipient: an invented name gets an error reply, not "no tool".
+        return recipient.startswith(NAMESPACE + ".") or recipient in self.registry
+
+    def process(self, message: Message) -> list[Message]:
+        recipient = message.recipient or ""
+        name = ToolRegistry.function_name(recipient) or recipient
+        tool = self.registry.tools.get(name)
+        if tool is not None and tool.function is None:
+            if self.on_call is None:
+                return []
+            return [self.reply(message, self.on_call(message))]
+        return [self.reply(message, self.registry.run(name, message.text()))]
