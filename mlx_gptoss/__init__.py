@@ -7,11 +7,14 @@ their thread pools start.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "Chat": "chat", "Reply": "chat", "ToolResult": "chat",
+    "Chat": "chat", "Reply": "agent", "ToolResult": "agent", "run_turn": "agent",
+    "Engine": "engine", "batch_generate": "engine",
     "GptOssError": "errors",
     "GenerationResult": "generate", "GenerationStats": "generate", "generate": "generate",
     "stream_generate": "generate",
@@ -40,8 +43,23 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
+class _Package(types.ModuleType):
+    """`mlx_gptoss.generate` is the function, as with an eager `from .generate import generate`,
+    even after the import system binds the submodule of the same name to the package."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
-    from .chat import Chat, Reply, ToolResult
+    from .agent import Reply, ToolResult, run_turn
+    from .chat import Chat
+    from .engine import Engine, batch_generate
     from .errors import GptOssError
     from .generate import GenerationResult, GenerationStats, generate, stream_generate
     from .harmony import (Conversation, DeveloperContent, Message, ReasoningEffort, Role,

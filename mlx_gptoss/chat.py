@@ -1,4 +1,7 @@
-"""`Chat`: a multi-turn harmony conversation with tools and a prompt cache.
+"""`Chat`: a multi-turn harmony conversation with tools and a prompt cache, over the agent loop.
+
+`Chat` owns state (settings, history, its prompt cache, its tools); each turn is
+`agent.run_turn`, with this chat as the router.
 
 Chain of thought, our deliberate choice: the prompt of each turn leaves out the analysis
 (reasoning) of every turn that already ended in a final answer, and keeps the analysis inside
@@ -27,85 +30,47 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from .agent import TURN_RENDER, Reply, ToolResult, render_turn, run_turn
 from .cache import PromptCache
 from .constrained import JsonSchemaConstraint
+from .defaults import DEFAULT_MAX_TOKENS, DEFAULT_TOOL_ROUNDS
+from .env import read_json
 from .errors import GptOssError, HarmonyError
-from .generate import DEFAULT_MAX_TOKENS, GenerationResult, LogitsProcessor, stream_generate
-from .prompts import developer_message, parse_effort, system_message
+from .generate import GenerationResult, LogitsProcessor, stream_generate
 from .harmony import (
     Author,
+    ChannelConfig,
     Conversation,
     DeveloperContent,
     Event,
     HarmonyTokenizer,
     Message,
     ReasoningEffort,
-    RenderConversationConfig,
     ResponseFormat,
     Role,
     SystemContent,
     TextContent,
-    render_conversation_for_completion,
 )
 from .model import Model
+from .prompts import developer_message, parse_effort, system_message
 from .sampling import SamplingParams
 from .tools.functions import FunctionTool, ToolRegistry
 
-RENDER_CONFIG = RenderConversationConfig(auto_drop_analysis=True, drop_finished_turns=True)
-DEFAULT_TOOL_ROUNDS = 8
+RENDER_CONFIG = TURN_RENDER
 CALL_SLACK = 128  # sliding-window keys kept beyond the window: enough to rewind past a call
 ToolHandler = Callable[[Message], str]
 
 
-@dataclass(frozen=True)
-class ToolResult:
-    """Streamed after a tool ran: the call (an assistant message) and the tool's reply."""
-
-    call: Message
-    result: Message
-
-    @property
-    def output(self) -> str:
-        return self.result.text()
-
-
-@dataclass
-class Reply:
-    """One turn: everything the assistant and tools said, and why it ended.
-
-    `stop`: "return" (final answer), "call" (a tool call was left unanswered), "length",
-    "eos", "tool_rounds" (the bound on tool rounds was reached) or "invalid_call" (`<|call|>`
-    ended a message with no recipient).
-    """
-
-    messages: list[Message]
-    stop: str
-    generations: list[GenerationResult] = field(default_factory=list)
-
-    @property
-    def text(self) -> str:
-        finals = [m for m in self.messages if m.author.role is Role.ASSISTANT and m.channel == "final"]
-        return finals[-1].text() if finals else ""
-
-    @property
-    def reasoning(self) -> str:
-        return "\n".join(m.text() for m in self.messages if m.channel == "analysis"
-                         and m.author.role is Role.ASSISTANT and m.recipient is None)
-
-    @property
-    def tool_calls(self) -> list[Message]:
-        return [m for m in self.messages if m.author.role is Role.ASSISTANT and m.recipient]
-
-    def __str__(self) -> str:
-        return self.text
-
-
 class Chat:
     """A conversation with the model: `chat.send("hi").text`, or stream with `chat.stream`."""
+
+    # System-message settings that only a loaded conversation changes (harmony's defaults).
+    knowledge_cutoff: str | None = SystemContent().knowledge_cutoff
+    channel_config: ChannelConfig | None = None  # None: harmony's required analysis/commentary/final
 
     def __init__(self, model: Model, tokenizer: HarmonyTokenizer, *,
                  instructions: str | None = None, system: str | None = None,
@@ -147,8 +112,12 @@ class Chat:
 
     def header(self) -> list[Message]:
         """The system and developer messages this chat's settings render to."""
-        messages = [system_message(reasoning_effort=self.reasoning_effort, identity=self.system,
-                                   date=self.date, python_tool=self.python is not None)]
+        system = system_message(reasoning_effort=self.reasoning_effort, identity=self.system,
+                                date=self.date, python_tool=self.python is not None)
+        system.content[0].knowledge_cutoff = self.knowledge_cutoff
+        if self.channel_config is not None:
+            system.content[0].channel_config = self.channel_config
+        messages = [system]
         constraint = self.json_constraint()
         dev = developer_message(self.instructions, self.tools.descriptions(),
                                 constraint.response_format if constraint else None)
@@ -185,8 +154,7 @@ class Chat:
 
     def prompt_tokens(self) -> list[int]:
         """What the model reads next: the conversation, earlier reasoning dropped."""
-        return render_conversation_for_completion(self.conversation(), Role.ASSISTANT,
-                                                  RENDER_CONFIG, self.tokenizer)
+        return render_turn(self.tokenizer, self.conversation(), RENDER_CONFIG)
 
     def reset(self) -> None:
         """Forget the history; settings stay, the python session restarts."""
@@ -203,12 +171,9 @@ class Chat:
 
     def load(self, path: str | os.PathLike) -> None:
         """Replace history and settings with a saved conversation (openai-harmony JSON)."""
+        data = read_json(path, "saved chat", expect=dict, error=HarmonyError)
         try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (OSError, ValueError) as e:  # ValueError: not UTF-8, or a NUL byte in the name
-            raise GptOssError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
-        try:
-            conversation = Conversation.from_json(text)
+            conversation = Conversation.from_dict(data)
         except HarmonyError as e:
             raise HarmonyError(f"{path}: {e}") from None
         self.set_conversation(conversation)
@@ -216,8 +181,11 @@ class Chat:
     def set_conversation(self, conversation: Conversation | Iterable[Message]) -> None:
         """Replace history and settings: the conversation's system and developer messages
         define effort, identity, date, instructions, function tools and response format (what
-        they leave out is unset). A declared function keeps its registered Python callable.
-        Invalid settings raise before anything changes."""
+        they leave out is unset), and knowledge cutoff, channel config and the python tool. A
+        declared function keeps its registered Python callable. The python tool is never
+        switched on by a file (model-written code runs only when the user opts in): loading a
+        conversation that uses it into a chat without it raises. Invalid settings raise before
+        anything changes."""
         system, developer, history = SystemContent(), DeveloperContent(), []
         for message in conversation:
             part = message.content[0] if len(message.content) == 1 else None
@@ -238,6 +206,15 @@ class Chat:
             raise GptOssError(f"a chat takes one response format; the conversation has {len(formats)}")
         response_format = formats[0] if formats else None
         constraint = self._compile_constraint(tools, response_format)  # a bad schema raises here
+        uses_python = "python" in (system.tools or {})
+        if uses_python and self.python is None:
+            raise GptOssError("the conversation uses the python tool, which this chat does not "
+                              "have: enable it (--python) to load it")
+        if not uses_python and self.python is not None:
+            self.python.close()
+            self.python = None
+        self.knowledge_cutoff = system.knowledge_cutoff
+        self.channel_config = system.channel_config
         self.reasoning_effort = system.reasoning_effort
         self.system = None if system.model_identity == SystemContent().model_identity \
             else system.model_identity
@@ -261,54 +238,33 @@ class Chat:
         """Like `send`, yielding harmony events, each round's `GenerationResult`, each
         `ToolResult`, and finally the `Reply`."""
         user = text if isinstance(text, Message) else Message.from_role_and_content(Role.USER, text)
-        start = len(self.messages)
-        self.messages.append(user)
-        yield from self._turn(start + 1, undo_to=start)
+        yield from self._turn([user])
 
-    def _turn(self, start: int, undo_to: int) -> Iterator[Event | GenerationResult | ToolResult | Reply]:
-        generations: list[GenerationResult] = []
-        try:
-            rounds = 0
-            while True:
-                result = yield from self._generate()
-                generations.append(result)
-                self.messages.extend(result.messages)
-                if result.stop != "call":
-                    stop = result.stop
-                    break
-                if rounds >= self.max_tool_rounds:
-                    stop = "tool_rounds"
-                    break
-                rounds += 1
-                call = result.messages[-1] if result.messages else None
-                if call is None or not call.recipient:  # <|call|> closed a message to nobody
-                    stop = "invalid_call"
-                    break
-                output = self._run_tool(call)
-                if output is None:
-                    stop = "call"
-                    break
-                yield ToolResult(call, self.add_tool_result(call, output))
-        except BaseException:
-            del self.messages[undo_to:]
-            raise
-        yield Reply(self.messages[start:], stop, generations)
+    def _turn(self, new: list[Message]) -> Iterator[Event | GenerationResult | ToolResult | Reply]:
+        """One turn through the agent loop; the history changes only once it has ended (an
+        interrupted turn leaves it as it was)."""
+        history = self.messages + new
+        for event in run_turn(self._generate, self.tokenizer, self.header(), history,
+                              router=self, max_tool_rounds=self.max_tool_rounds,
+                              render_config=RENDER_CONFIG):
+            if isinstance(event, Reply):
+                self.messages = history + event.messages
+            yield event
 
     def add_tool_result(self, call: Message, output: str) -> Message:
         """Answer a call left open (`reply.stop == "call"`); then `resume()`."""
-        reply = Message(Author(Role.TOOL, call.recipient), [TextContent(output)],
-                        call.channel or "commentary", "assistant")
+        reply = _tool_reply(call, output)
         self.messages.append(reply)
         return reply
 
     def resume(self) -> Reply:
         """Continue the current turn after `add_tool_result`."""
         reply = None
-        for event in self._turn(len(self.messages), undo_to=len(self.messages)):
+        for event in self._turn([]):
             reply = event
         return reply
 
-    def _generate(self):
+    def _generate(self, prompt: list[int]) -> Iterator[Event | GenerationResult]:
         sampling = self.sampling
         if sampling is not None and sampling.seed is not None:
             # One seed makes the session reproducible; each generation draws fresh numbers.
@@ -322,14 +278,15 @@ class Chat:
         constraint = self.json_constraint()
         if constraint is not None:
             processors.append(constraint.processor())
-        result = None
-        for event in stream_generate(self.model, self.tokenizer, self.prompt_tokens(),
-                                     max_tokens=self.max_tokens, sampling=sampling,
-                                     logits_processors=processors, prompt_cache=self.cache):
-            if isinstance(event, GenerationResult):
-                result = event
-            yield event
-        return result
+        return stream_generate(self.model, self.tokenizer, prompt, max_tokens=self.max_tokens,
+                               sampling=sampling, logits_processors=processors,
+                               prompt_cache=self.cache)
+
+    def process(self, call: Message) -> list[Message]:
+        """The agent loop's router: the tool's reply to `call`, or [] when nobody here can
+        answer it (the turn then stops with `stop == "call"`)."""
+        output = self._run_tool(call)
+        return [] if output is None else [_tool_reply(call, output)]
 
     def _run_tool(self, call: Message) -> str | None:
         """The tool's output for `call`; None when nobody can answer it."""
@@ -354,11 +311,24 @@ class Chat:
         if self.python is not None:
             self.python.close()
 
+    def __repr__(self) -> str:
+        effort = self.reasoning_effort.value.lower() if self.reasoning_effort else "none"
+        tools = ", ".join(self.tools.tools) or "none"
+        return (f"Chat({len(self.messages)} messages, effort {effort}, tools: {tools}, python "
+                f"{'on' if self.python is not None else 'off'}, max_tokens {self.max_tokens}, "
+                f"{self.model!r})")
+
     def __enter__(self) -> "Chat":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _tool_reply(call: Message, output: str) -> Message:
+    """A tool's answer to `call`, in harmony's shape: from the tool, back to the assistant."""
+    return Message(Author(Role.TOOL, call.recipient), [TextContent(output)],
+                   call.channel or "commentary", "assistant")
 
 
 def _format_key(response_format: Any) -> Any:

@@ -52,6 +52,7 @@ import llguidance.tiktoken
 import mlx.core as mx
 import numpy as np
 
+from .env import check_depth, parse_json, read_json
 from .errors import SchemaError
 from .harmony.messages import ResponseFormat, Role, ToolDescription
 from .harmony.parser import MAX_HEADER_TOKENS, State, StreamParser, parser_after
@@ -72,12 +73,9 @@ Schema = dict | bool
 def json_schema_of(schema: Any) -> Schema:
     """A JSON Schema from a dict (or bool), JSON text, or a pydantic model class."""
     if isinstance(schema, (dict, bool)):
-        return schema
+        return check_depth(schema, "JSON Schema", SchemaError)
     if isinstance(schema, str):
-        try:
-            return json_schema_of(json.loads(schema))
-        except ValueError as e:
-            raise SchemaError(f"JSON Schema text is not valid JSON ({e})") from None
+        return json_schema_of(parse_json(schema, "JSON Schema text", error=SchemaError))
     if isinstance(schema, type) and hasattr(schema, "model_json_schema"):
         return schema.model_json_schema()
     raise SchemaError(f"a JSON Schema must be a dict or a pydantic model class, got {type(schema).__name__}")
@@ -85,17 +83,7 @@ def json_schema_of(schema: Any) -> Schema:
 
 def load_json_schema(path: str | Path) -> Schema:
     """Read a schema file (for `--json-schema FILE`); errors name the file."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise SchemaError(f"{path}: cannot read the JSON Schema ({getattr(e, 'strerror', None) or e})") from None
-    try:
-        schema = json.loads(text)
-    except ValueError as e:
-        raise SchemaError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(schema, (dict, bool)):
-        raise SchemaError(f"{path}: a JSON Schema must be an object, got {type(schema).__name__}")
-    return schema
+    return read_json(path, "JSON Schema", expect=(dict, bool), error=SchemaError)
 
 
 def response_format_of(schema: Any, name: str | None = None,

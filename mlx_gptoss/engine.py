@@ -37,9 +37,9 @@ from typing import Any, Callable, Iterator, Sequence
 import mlx.core as mx
 
 from .cache import DEFAULT_SLIDING_SLACK, PromptCache, PromptCachePool
+from .defaults import DEFAULT_MAX_TOKENS
 from .errors import GptOssError
 from .generate import (
-    DEFAULT_MAX_TOKENS,
     GenerationResult,
     GenerationStats,
     HarmonyRequest,
@@ -353,7 +353,20 @@ class Engine:
                     self._wake.wait()
                 if self._closed and not (self._rows or self._waiting):
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # the batch itself failed (e.g. out of memory)
+                self._fail_all(e)
+
+    def _fail_all(self, error: BaseException) -> None:
+        """End every row with `error` (each consumer raises it), keeping the engine usable."""
+        with self._lock:
+            waiting, self._waiting = self._waiting, []
+        rows, self._rows = self._rows, []
+        for request in [r.request for r in rows] + waiting:
+            if not request.done:
+                request.error, request.finish_reason = error, "error"
+            _ended(request)
 
     def close(self) -> None:
         """Cancel everything and stop the worker thread."""

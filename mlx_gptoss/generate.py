@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import mlx.core as mx
 
 from .cache import PromptCache
+from .defaults import DEFAULT_MAX_TOKENS
 from .errors import GptOssError
 from .harmony import (
     AnswerDone,
@@ -41,12 +42,19 @@ from .harmony import (
     TextDelta,
     ToolCall,
 )
+from .harmony.constants import (
+    ANALYSIS,
+    FINAL,
+    STOP_CALL,
+    STOP_ENDOFTEXT,
+    STOP_LENGTH,
+    STOP_RETURN,
+)
 from .model import PREFILL_CHUNK, Model, prefill
 from .prompts import Prompt, render_prompt
 from .sampling import SamplingParams, make_sampler
 
 LogitsProcessor = Callable[[list, mx.array], mx.array]
-DEFAULT_MAX_TOKENS = 4096
 
 
 @dataclass
@@ -96,11 +104,11 @@ class GenerationResult:
     @property
     def text(self) -> str:
         """The final answer (the `final` channel), or "" when there is none."""
-        return "".join(m.text() for m in self.messages if m.channel == "final")
+        return "".join(m.text() for m in self.messages if m.channel == FINAL)
 
     @property
     def reasoning(self) -> str:
-        return "".join(m.text() for m in self.messages if m.channel == "analysis")
+        return "".join(m.text() for m in self.messages if m.channel == ANALYSIS)
 
     @property
     def tool_calls(self) -> list[Message]:
@@ -117,9 +125,10 @@ def generate_tokens(model: Model, prompt: Sequence[int], *, sampler: Callable[[m
                     prefill_chunk: int = PREFILL_CHUNK) -> Iterator[int]:
     """Yield sampled token ids, the stop token included, until a stop token or `max_tokens`.
 
-    Without logits processors the next step's graph is queued before the current token is read
-    (`mx.async_eval`), so the device never waits for Python; the one step computed past a stop
-    token is rolled back. An exception (Ctrl-C) or closing the generator leaves `prompt_cache`
+    The next step's forward pass is queued before the current token is read (`mx.async_eval`),
+    with or without logits processors (they only mask the next token's logits, after the
+    consumer has seen this one), so the device never waits for Python; the one step computed
+    past a stop token is rolled back. An exception (Ctrl-C) or closing the generator leaves `prompt_cache`
     consistent with its tokens.
     """
     if max_tokens < 1:
@@ -163,11 +172,16 @@ def generate_tokens(model: Model, prompt: Sequence[int], *, sampler: Callable[[m
         mx.async_eval(y)
         prompt_done = time.perf_counter()
         stats.prompt_time = prompt_done - start
-        pipelined = not processors
         while True:
             queued = None
-            if pipelined and len(generated) + 1 < max_tokens:
-                queued = choose(feed(y))
+            if len(generated) + 1 < max_tokens:
+                # The next step's forward pass is queued before this token is read. Without
+                # processors its sampling is queued too; with them, the forward runs while
+                # the consumer (the parser a processor reads) takes `token`, and the
+                # processors mask its logits afterwards.
+                queued = feed(y)
+                if not processors:
+                    queued = choose(queued)
                 mx.async_eval(queued)
             token = int(y.item())
             generated.append(token)
@@ -178,16 +192,10 @@ def generate_tokens(model: Model, prompt: Sequence[int], *, sampler: Callable[[m
                 cache.rollback(safe)  # drop the step computed past the end
                 yield token
                 return
-            if queued is not None:  # already fed: the cache holds `token`
-                cache.advance([token])
-                safe = cache.checkpoint()
-                y = queued
-                yield token
-            else:  # the consumer (the parser a processor reads) sees `token` first
-                yield token
-                y = choose(feed(y))
-                cache.advance([token])
-                safe = cache.checkpoint()
+            cache.advance([token])  # already fed: the cache holds `token`
+            safe = cache.checkpoint()
+            yield token
+            y = choose(queued) if processors else queued
     except BaseException:
         cache.rollback(safe)
         raise
@@ -215,13 +223,13 @@ class HarmonyRequest:
         last = tokens[-1] if tokens else None
         events: list[Event] = []
         if last == tok.return_:
-            stop = "return"
+            stop = STOP_RETURN
         elif last == tok.call:
-            stop = "call"
+            stop = STOP_CALL
         elif last == tok.endoftext:
-            stop = "eos"
+            stop = STOP_ENDOFTEXT
         else:
-            stop = "length"
+            stop = STOP_LENGTH
             events = list(self.parser.finish())
         return events, GenerationResult(tokens, list(self.parser.messages), stop, stats, self.ids)
 
@@ -249,17 +257,19 @@ def prepare_request(model: Model, tokenizer: HarmonyTokenizer, prompt: Prompt, *
     work), bind the processors to a fresh parser. See `stream_generate` for the arguments."""
     if max_tokens < 1:
         raise GptOssError(f"max_tokens must be at least 1, got {max_tokens}")
-    sampling = sampling_for(model, sampling, temperature=temperature, top_p=top_p, top_k=top_k,
-                            min_p=min_p, seed=seed)
     functions = prompt_options.get("functions", ()) if constrain_tools else ()
     constraint = None
     if response_format is not None or functions:
-        from .constrained import JsonSchemaConstraint  # llguidance only when constraining
+        from .constrained import (
+            JsonSchemaConstraint,  # llguidance only when constraining
+        )
 
         constraint = JsonSchemaConstraint.from_schema(tokenizer, response_format, tools=functions)
         if response_format is not None and isinstance(prompt, str):
             prompt_options["response_format"] = constraint.response_format
     ids = render_prompt(prompt, tokenizer, render_config, **prompt_options)
+    sampling = sampling_for(model, sampling, temperature=temperature, top_p=top_p, top_k=top_k,
+                            min_p=min_p, seed=seed)
     processors = list(logits_processors)
     if constraint is not None:
         processors.append(constraint.processor(ids))
@@ -267,8 +277,9 @@ def prepare_request(model: Model, tokenizer: HarmonyTokenizer, prompt: Prompt, *
     for processor in processors:
         if hasattr(processor, "bind"):
             processor.bind(parser)
-    return HarmonyRequest(ids, sampling, max_tokens, processors, parser,
-                          frozenset(tokenizer.eos_token_ids))
+    config = getattr(model, "generation_config", None)  # set by `load` from the model dir
+    stops = config.stop_tokens(tokenizer) if config is not None else tokenizer.eos_token_ids
+    return HarmonyRequest(ids, sampling, max_tokens, processors, parser, frozenset(stops))
 
 
 def stream_generate(model: Model, tokenizer: HarmonyTokenizer, prompt: Prompt, *,

@@ -302,6 +302,22 @@ class Model(nn.Module):
     def layers(self) -> list[TransformerBlock]:
         return self.model.layers
 
+    def __repr__(self) -> str:
+        """One line, not MLX's tree of every module (hundreds of lines for 24 layers)."""
+        def name(dtype: mx.Dtype) -> str:
+            return str(dtype).removeprefix("mlx.core.")
+
+        cfg = self.config
+        compute, vocab = self.model.norm.weight.dtype, self.model.embed_tokens.weight.dtype
+        dtype = name(compute)
+        if mx.issubdtype(vocab, mx.floating) and vocab != compute:  # see `activation_dtype`
+            dtype += f", vocabulary matrices {name(vocab)}"
+        q = cfg.quantization
+        quantized = f", {q.mode} {q.bits}-bit {'+'.join(q.modules)}" if q else ""
+        return (f"Model(gpt_oss, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+                f"{cfg.num_local_experts} experts ({cfg.num_experts_per_tok} active), vocabulary "
+                f"{cfg.vocab_size}, {dtype}{quantized})")
+
     def make_cache(self, sliding_slack: int = 0) -> list[KVCache | SlidingWindowCache]:
         return [SlidingWindowCache(self.config.sliding_window, sliding_slack) if layer.sliding
                 else KVCache() for layer in self.layers]

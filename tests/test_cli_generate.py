@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 from helpers import subprocess_env
+from cli_runner import cli
 
-from mlx_gptoss.cli import main
 from mlx_gptoss.cli.chat import repl
 from mlx_gptoss.cli.generate import Display
 from mlx_gptoss.generate import generate as api_generate
@@ -19,18 +19,6 @@ from mlx_gptoss.harmony import Role, TextDelta
 from mlx_gptoss.sampling import SamplingParams
 
 GREEDY_FLAGS = ["--max-tokens", "24", "--temp", "0", "--dtype", "float32"]
-
-
-def cli(capsys, *args, stdin: str | None = None, monkeypatch=None):
-    if stdin is not None:
-        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def subprocess_cli(*args, stdin: str | None = None, **popen):
@@ -52,7 +40,7 @@ def expected(chat_model):
 
 def test_generate_prints_the_answer_alone_on_stdout(chat_checkpoint, expected, capsys):
     code, out, err = cli(capsys, "generate", "-m", chat_checkpoint, "-p", "Hello", *GREEDY_FLAGS,
-                         "--verbose")
+                         "--verbose", "--stats")
     assert code == 0
     assert out == expected.text + "\n"
     assert "<|start|>user<|message|>Hello<|end|><|start|>assistant" in err  # --verbose prompt
@@ -102,7 +90,7 @@ def test_user_errors_are_one_line_exit_2(chat_checkpoint, tmp_path, capsys, monk
                         write(tmp_path / "t.json", '[{"type": "function", "function": {}}]')],
                        "t.json, tool 0: invalid function name"),
         "tools json": (["-m", chat_checkpoint, "-p", "x", "--tools",
-                        write(tmp_path / "u.json", "[")], "u.json is not valid JSON"),
+                        write(tmp_path / "u.json", "[")], "u.json (tools file): not valid JSON"),
         "effort": (["-m", chat_checkpoint, "-p", "x", "-r", "extreme"], "--reasoning-effort"),
         "top-p": (["-m", chat_checkpoint, "-p", "x", "--top-p", "0"], "top-p must be in"),
     }
@@ -114,7 +102,7 @@ def test_user_errors_are_one_line_exit_2(chat_checkpoint, tmp_path, capsys, monk
     done = subprocess_cli("generate", "-m", tmp_path / "nope", "-p", "x")
     assert done.returncode == 2 and done.stderr.count("\n") == 1
     assert "Traceback" not in done.stderr
-    done = subprocess_cli("generate", "-m", tmp_path / "nope", "-p", "x", "--debug")
+    done = subprocess_cli("--debug", "generate", "-m", tmp_path / "nope", "-p", "x")
     assert "Traceback" in done.stderr
 
 
@@ -144,7 +132,7 @@ def test_chat_repl_commands_and_ctrl_c(chat_model, tmp_path, capsys):
                         "never"]) + "\n"
     repl(chat, InterruptingDisplay(tok), stdin=io.StringIO(script))
     out, err = capsys.readouterr()
-    assert "/effort low|medium|high" in err
+    assert "/effort [low|medium|high]" in err
     assert "error: /effort takes one of low, medium, high" in err
     assert "[interrupted: this turn was discarded]" in err
     assert "error: unknown command /bogus" in err
@@ -178,6 +166,6 @@ def test_chat_save_and_load_take_the_rest_of_the_line(chat_model, tmp_path, caps
     assert "Keep me." in (tmp_path / "Bob's chat.json").read_text()
     assert err.splitlines() == [
         "saved my chat.json", "saved Bob's chat.json", "saved quoted name.json",
-        'error: cannot read "missing.json: No such file or directory',
+        'error: "missing.json (saved chat): not found',
         "loaded my chat.json", "error: /save needs a file name"]
     assert out == "" and chat.instructions == "Keep me."

@@ -293,7 +293,7 @@ def test_cli_json_schema(checkpoint_factory, tmp_path, capsys):
         assert err.count("\n") == 1
     code, _, err = run_cli(capsys, "generate", "--model", str(path), "--prompt", "hi",
                            "--json-schema", str(tmp_path / "missing.json"))
-    assert code == 2 and "missing.json: cannot read the JSON Schema" in err
+    assert code == 2 and "missing.json (JSON Schema): not found" in err
 
 
 # --------------------------------------------------------------------------- tool calls
@@ -530,11 +530,11 @@ def test_schema_files(tmp_path, tok):
     compile_schema(tok, load_json_schema(good))
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
-    for path, fragment in ((tmp_path / "missing.json", "cannot read"), (broken, "not valid JSON")):
+    for path, fragment in ((tmp_path / "missing.json", "not found"), (broken, "not valid JSON")):
         with pytest.raises(SchemaError, match=fragment) as info:
             load_json_schema(path)
         assert str(path) in str(info.value)
     listed = tmp_path / "list.json"
     listed.write_text("[]")
-    with pytest.raises(SchemaError, match="must be an object"):
+    with pytest.raises(SchemaError, match="expected a JSON object or true or false, got a JSON array"):
         load_json_schema(listed)

@@ -207,3 +207,22 @@ def test_batch_generate_keeps_prompt_order_and_validates_up_front(chat_model):
     with pytest.raises(GptOssError):
         batch_generate(model, tok, ["a", "b"], response_format=[{"type": "nope"}, None])
     mx.eval(mx.zeros(1))
+
+
+def test_a_failing_batch_fails_its_streams_and_the_engine_serves_on(chat_model, monkeypatch):
+    model, tok = chat_model
+    real = model.step_rows
+    calls = []
+
+    def fail_once(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("out of memory (simulated)")
+        return real(*args)
+
+    monkeypatch.setattr(model, "step_rows", fail_once)
+    with Engine(model, tok, max_batch=2) as engine:
+        with pytest.raises(RuntimeError, match="simulated"):
+            list(engine.stream_generate("Hi", max_tokens=5, temperature=0))
+        after = list(engine.stream_generate("Hi", max_tokens=5, temperature=0))
+    assert after[-1].tokens == generate(model, tok, "Hi", max_tokens=5, temperature=0).tokens

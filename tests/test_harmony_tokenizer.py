@@ -24,6 +24,7 @@ def no_sources(monkeypatch, tmp_path):
     monkeypatch.setenv("MLX_GPTOSS_CACHE", str(tmp_path / "our-cache"))
     monkeypatch.setenv("MLX_GPTOSS_OFFLINE", "1")
     monkeypatch.setattr(T, "_packaged_copy", lambda: None)
+    monkeypatch.setattr(T, "_has_packaged_copy", lambda: False)  # what the messages say
     return tmp_path
 
 

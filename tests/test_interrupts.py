@@ -145,7 +145,7 @@ def test_chat_in_a_terminal_ctrl_c_keeps_the_session_ctrl_d_exits(chat_checkpoin
     child = pexpect.spawn(PROGRAM[0], [*PROGRAM[1:], "chat", "-m", str(chat_checkpoint),
                                        "--max-tokens", "100000", "--temp", "0",
                                        "--dtype", "float32"],
-                          env={**compiler.env, "TERM": "dumb"}, encoding="utf-8",
+                          env={**compiler.env, "TERM": "dumb", "MLX_GPTOSS_HISTORY": ""}, encoding="utf-8",
                           timeout=SAFETY_NET)
     try:
         child.expect_exact(">>> ")
