@@ -23,6 +23,9 @@ from scripted import ScriptedModel, harmony
 from mlx_gptoss.engine import Engine
 from mlx_gptoss.server import create_app, running
 from mlx_gptoss.server.convert import decode_reasoning, encode_reasoning
+from mlx_gptoss.tools.browser import BrowserTool
+from mlx_gptoss.tools.python import PythonTool
+from mlx_gptoss.tools.search import SearchResult
 
 ANALYSIS = "<|channel|>analysis<|message|>The user greets me.<|end|>"
 PREAMBLE = "<|start|>assistant<|channel|>commentary<|message|>Let me answer.<|end|>"
@@ -500,7 +503,7 @@ def test_builtin_python_runs_on_the_server_when_enabled(tok):
     model = scripted("<|channel|>analysis to=python code<|message|>print(6 * 7)<|call|>",
                      "<|channel|>final<|message|>It is 42.<|return|>")
     tools = [{"type": "code_interpreter", "container": {"type": "auto"}}]
-    with serve(model, tok, python=True) as (url, _):
+    with serve(model, tok, builtin_tools={"python": PythonTool}) as (url, _):
         with client(url).responses.stream(model=NAME, input="6*7?", tools=tools) as stream:
             types = [e.type for e in stream]
             response = stream.get_final_response()
@@ -568,3 +571,36 @@ def test_chat_stop_strings_end_the_answer(tok):
     assert whole.choices[0].message.content == "Let me answer.\n\nHello "
     assert whole.choices[0].finish_reason == "stop"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Let me answer.\n\nHello th"
+
+
+class FakeSearch:
+    """A search provider answering from a fixed list (tests touch no network)."""
+
+    name = "fake"
+
+    def __init__(self):
+        self.queries: list[str] = []
+
+    def search(self, query: str, topn: int) -> list[SearchResult]:
+        self.queries.append(query)
+        return [SearchResult("MLX", "https://example.org/mlx", "An array framework for Apple silicon.")]
+
+
+def test_builtin_browser_searches_on_the_server_when_enabled(tok):
+    search = FakeSearch()
+    model = scripted("<|channel|>analysis to=browser.search code<|message|>{\"query\": \"mlx\"}<|call|>",
+                     "<|channel|>final<|message|>MLX is an array framework.<|return|>")
+    with serve(model, tok, builtin_tools={"browser": lambda: BrowserTool(search)}) as (url, _):
+        with client(url).responses.stream(model=NAME, input="What is MLX?",
+                                          tools=[{"type": "web_search"}]) as stream:
+            types = [e.type for e in stream]
+            response = stream.get_final_response()
+    call, answer = response.output
+    assert call.type == "web_search_call" and call.action.type == "search" and call.action.query == "mlx"
+    assert call.status == "completed" and search.queries == ["mlx"]
+    assert types.index("response.web_search_call.searching") < types.index("response.web_search_call.completed")
+    assert answer.content[0].text == "MLX is an array framework."
+    assert "## browser" in tok.decode(model.contexts[0])
+    result = tok.decode(model.contexts[-1])
+    assert "<|start|>browser.search to=assistant<|channel|>analysis<|message|>" in result
+    assert "An array framework for Apple silicon." in result

@@ -37,12 +37,14 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 def create_app(model: Any, tokenizer: Any, *, served_name: str | None = None,
                api_key: str | None = None, max_concurrency: int = 1, max_queue: int = 16,
-               max_body_mb: float = DEFAULT_MAX_BODY_MB, python: bool = False,
+               max_body_mb: float = DEFAULT_MAX_BODY_MB,
+               builtin_tools: dict[str, Callable[[], Any]] | None = None,
                trusted_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS,
                engine: Any = None) -> FastAPI:
-    """An OpenAI-compatible app serving `model` (see the module docstring). `python`: offer the
-    built-in python tool to requests with a `code_interpreter` tool, run by the server in a
-    separate, resource-limited process (not a security sandbox). `trusted_hosts`: the only
+    """An OpenAI-compatible app serving `model` (see the module docstring). `builtin_tools`:
+    built-in tools the server runs, `{"python": factory, "browser": factory}` (each factory makes
+    a fresh `mlx_gptoss.tools.Tool` per response), offered to requests with a
+    `code_interpreter` / `web_search` tool. `trusted_hosts`: the only
     `Host` headers answered (None: any), so a web page cannot reach a loopback server through
     DNS rebinding; POST bodies must be `application/json`, which a page on another origin
     cannot send without a CORS preflight (this server answers none). `engine`: an `Engine` to
@@ -56,8 +58,8 @@ def create_app(model: Any, tokenizer: Any, *, served_name: str | None = None,
     state = ServerState(model, tokenizer, worker, served_name, api_key=api_key,
                         max_body_bytes=int(max_body_mb * 2**20), created=int(time.time()),
                         store=responses.ResponseStore(),
-                        builtins=frozenset({"python"} if python else ()),
-                        python_factory=_python_tool if python else None,
+                        builtin_tools=dict(builtin_tools or {}),
+                        builtin_namespaces=_namespaces(builtin_tools or {}),
                         trusted_hosts=trusted_hosts)
 
     @asynccontextmanager
@@ -142,10 +144,14 @@ def create_app(model: Any, tokenizer: Any, *, served_name: str | None = None,
     return app
 
 
-def _python_tool():
-    from ..tools.python import PythonTool
-
-    return PythonTool()
+def _namespaces(factories: dict[str, Callable[[], Any]]) -> dict[str, Any]:
+    """Each built-in tool's system-message namespace, from one instance made now (so a tool
+    that cannot work here, e.g. no sandbox, fails at startup, not in a request)."""
+    out = {}
+    for name, factory in factories.items():
+        with factory() as tool:
+            out[name] = tool.namespace_config()
+    return out
 
 
 def model_card(state: ServerState) -> dict[str, Any]:

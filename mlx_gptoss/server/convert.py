@@ -36,6 +36,7 @@ from ..harmony import (
     StreamParser,
     TextContent,
     ToolDescription,
+    ToolNamespaceConfig,
 )
 from ..tools.functions import _NAME as FUNCTION_NAME
 from ..tools.functions import NAMESPACE
@@ -53,6 +54,7 @@ EFFORT_CLAMP = {"none": "low", "minimal": "low", "low": "low", "medium": "medium
                 "high": "high", "xhigh": "high", "max": "high"}
 BUILTIN_TOOL_TYPES = {"web_search": "browser", "web_search_preview": "browser",
                       "browser_search": "browser", "code_interpreter": "python"}
+BUILTIN_ITEMS = {"python": "code_interpreter_call", "browser": "web_search_call"}
 
 
 @dataclass
@@ -65,11 +67,15 @@ class Prompt:
     effort: str = "medium"
     response_schema: Any = None  # a JSON Schema the final answer must satisfy
     response_name: str | None = None
-    python: bool = False  # the built-in python tool is declared (and run by the server)
+    # The built-in tools declared in the system message (and run by the server), by name.
+    builtins: dict[str, ToolNamespaceConfig] = field(default_factory=dict)
 
     def messages(self) -> list[Message]:
         """system, developer (when it has something to say), then the history."""
-        out = [system_message(reasoning_effort=self.effort, python_tool=self.python)]
+        system = system_message(reasoning_effort=self.effort)
+        for namespace in self.builtins.values():  # each tool's own text (true timeout, ...)
+            system.content[0].with_tools(namespace)
+        out = [system]
         fmt = None
         if self.response_schema is not None:
             fmt = response_format_of(self.response_schema, self.response_name)
@@ -421,13 +427,15 @@ def _is_parts(value: Any) -> bool:
 # --------------------------------------------------------------------------- model output
 
 
-def item_kind(channel: str | None, recipient: str | None, python: bool = False) -> str:
+def item_kind(channel: str | None, recipient: str | None, builtins: Iterable[str] = ()) -> str:
     """What a harmony message from the model becomes: "reasoning", "message", "function_call",
-    or "python_call" (the built-in tool, when it is enabled). A call counts on any channel (the
-    model also calls from analysis); a call to a tool nobody declared is a function call."""
+    or "python_call" / "browser_call" (a built-in tool the server runs). A call counts on any
+    channel (the model also calls from analysis); a call to a tool nobody declared is a
+    function call, for the client to answer."""
     if recipient:
-        if python and recipient.split(".")[0] == "python":
-            return "python_call"
+        namespace = recipient.split(".")[0]
+        if namespace in BUILTIN_ITEMS and namespace in builtins:
+            return f"{namespace}_call"
         return "function_call"
     return "reasoning" if channel == "analysis" else "message"
 
@@ -437,8 +445,24 @@ def python_call(code: str) -> Message:
     return Message(Author(Role.ASSISTANT), [TextContent(code)], "analysis", "python", "code")
 
 
-def python_result(output: str, channel: str | None = "analysis") -> Message:
-    return Message(Author(Role.TOOL, "python"), [TextContent(output)], channel or "analysis", "assistant")
+def python_result(output: str) -> Message:
+    return Message(Author(Role.TOOL, "python"), [TextContent(output)], "analysis", "assistant")
+
+
+def browser_action(recipient: str, arguments: str) -> dict[str, Any]:
+    """A browser call as a `web_search_call` action: search, open_page or find_in_page."""
+    try:
+        args = json.loads(arguments)
+    except ValueError:
+        args = {}
+    args = args if isinstance(args, dict) else {}
+    name = recipient.split(".", 1)[-1]
+    if name == "open":
+        target = args.get("id")
+        return {"type": "open_page", "url": target if isinstance(target, str) else None}
+    if name == "find":
+        return {"type": "find_in_page", "pattern": str(args.get("pattern", "")), "url": ""}
+    return {"type": "search", "query": str(args.get("query", ""))}
 
 
 def function_name(recipient: str) -> str:

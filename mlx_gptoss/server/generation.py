@@ -33,12 +33,14 @@ class ServerState:
     tokenizer: HarmonyTokenizer
     worker: Worker
     served_name: str
-    builtins: frozenset[str] = frozenset()  # "python" when --python
+    # Built-in tools the server runs (--python, --browser): name -> a fresh tool per response,
+    # and the namespace each declares in the system message.
+    builtin_tools: dict[str, Callable[[], Any]] = field(default_factory=dict)
+    builtin_namespaces: dict[str, Any] = field(default_factory=dict)
     api_key: str | None = None
     max_body_bytes: int = 16 * 2**20
     created: int = 0
     store: Any = None  # responses.ResponseStore
-    python_factory: Callable[[], Any] | None = None  # a fresh built-in python session per response
     trusted_hosts: tuple[str, ...] | None = None  # Host headers answered (None: any)
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -35,7 +35,7 @@ from .convert import (
     encode_reasoning,
     function_name,
     item_kind,
-    python_result,
+    browser_action,
     reasoning_token_count,
     response_schema,
     responses_tools,
@@ -123,7 +123,7 @@ def parse_request(state: ServerState, body: dict[str, Any]) -> ResponsesRequest:
         raise bad_request("'input' has nothing to answer", "input", "invalid_value")
     instructions = get(body, "instructions", "string", "")
     reasoning = get(body, "reasoning", "object", "", {})
-    functions, builtins = responses_tools(body.get("tools"), state.builtins)
+    functions, builtins = responses_tools(body.get("tools"), state.builtin_tools)
     choice = tool_choice_of(body.get("tool_choice"), functions)
     text_format = get(get(body, "text", "object", "", {}), "format", "object", "text")
     schema, schema_name = response_schema(text_format, "text.format", nested=False)
@@ -132,7 +132,8 @@ def parse_request(state: ServerState, body: dict[str, Any]) -> ResponsesRequest:
                     instructions=[instructions] + reader.instructions if instructions else reader.instructions,
                     functions=[] if choice == "none" else functions,
                     effort=clamp_effort(reasoning.get("effort"), "reasoning.effort"),
-                    response_schema=schema, response_name=schema_name, python="python" in builtins)
+                    response_schema=schema, response_name=schema_name,
+                    builtins={name: state.builtin_namespaces[name] for name in sorted(builtins)})
     max_output = get_positive_int(body, "max_output_tokens", "")
     temperature = get_number(body, "temperature", "", 0, 2)
     top_p = get_number(body, "top_p", "", 0, 1)
@@ -179,6 +180,8 @@ class OpenItem:
     kind: str
     index: int
     item: dict[str, Any]
+    recipient: str | None = None
+    text: str = ""  # a built-in call's raw arguments
 
 
 class ResponseBuilder:
@@ -212,7 +215,8 @@ class ResponseBuilder:
         if isinstance(event, MessageStart):
             return self._close() + self._open(event.channel, event.recipient)
         if isinstance(event, TextDelta) and self.open is not None:
-            return [self._delta(event.text)]
+            delta = self._delta(event.text)
+            return [] if delta is None else [delta]
         if isinstance(event, MessageEnd):
             out = [] if self.open is not None else self._open(event.message.channel,
                                                               event.message.recipient)
@@ -220,15 +224,19 @@ class ResponseBuilder:
         return []
 
     def _open(self, channel: str | None, recipient: str | None) -> list[dict[str, Any]]:
-        kind = item_kind(channel, recipient, self.request.plan.prompt.python)
+        kind = item_kind(channel, recipient, self.request.plan.prompt.builtins)
         index = len(self.response["output"])
-        if kind == "python_call":
-            item = {"id": new_id("ci"), "type": "code_interpreter_call", "code": "",
-                    "container_id": PYTHON_CONTAINER, "outputs": None, "status": "in_progress"}
+        if kind in ("python_call", "browser_call"):
+            if kind == "python_call":
+                item = {"id": new_id("ci"), "type": "code_interpreter_call", "code": "",
+                        "container_id": PYTHON_CONTAINER, "outputs": None, "status": "in_progress"}
+            else:
+                item = {"id": new_id("ws"), "type": "web_search_call",
+                        "action": {"type": "search", "query": ""}, "status": "in_progress"}
             self.response["output"].append(item)
-            self.open = OpenItem(kind, index, item)
+            self.open = OpenItem(kind, index, item, recipient)
             return [self.event("response.output_item.added", output_index=index, item=copy.deepcopy(item)),
-                    self.event("response.code_interpreter_call.in_progress", item_id=item["id"],
+                    self.event(f"response.{item['type']}.in_progress", item_id=item["id"],
                                output_index=index)]
         if kind == "reasoning":
             item = {"id": new_id("rs"), "type": "reasoning", "summary": [], "content": [],
@@ -253,8 +261,11 @@ class ResponseBuilder:
                                   output_index=index, content_index=0, part=dict(part)))
         return out
 
-    def _delta(self, text: str) -> dict[str, Any]:
+    def _delta(self, text: str) -> dict[str, Any] | None:
         item, index = self.open.item, self.open.index
+        if self.open.kind == "browser_call":  # OpenAI streams no browser arguments
+            self.open.text += text
+            return None
         if self.open.kind == "python_call":
             item["code"] += text
             return self.event("response.code_interpreter_call_code.delta", item_id=item["id"],
@@ -276,18 +287,22 @@ class ResponseBuilder:
             return []
         kind, index, item = self.open.kind, self.open.index, self.open.item
         ids = {"item_id": item["id"], "output_index": index}
-        if kind == "python_call" and self.running is None:  # the code is complete: run it
+        builtin = kind in ("python_call", "browser_call")
+        if builtin and self.running is None and stop == "call":  # complete: the server runs it
+            self.running = self.open
+            if kind == "browser_call":
+                item["action"] = browser_action(self.open.recipient, self.open.text if text is None else text)
+                item["status"] = "searching"
+                return [self.event("response.web_search_call.searching", **ids)]
             item["code"] = item["code"] if text is None else text
-            if stop == "call":
-                self.running = self.open
-                item["status"] = "interpreting"
-                return [self.event("response.code_interpreter_call_code.done", **ids, code=item["code"]),
-                        self.event("response.code_interpreter_call.interpreting", **ids)]
+            item["status"] = "interpreting"
+            return [self.event("response.code_interpreter_call_code.done", **ids, code=item["code"]),
+                    self.event("response.code_interpreter_call.interpreting", **ids)]
         self.open = None
         item["status"] = "completed" if stop in ("end", "call", "return") else "incomplete"
-        if kind == "python_call":
+        if builtin:
             self.running = None
-            return [self.event("response.code_interpreter_call.completed", **ids),
+            return [self.event(f"response.{item['type']}.completed", **ids),
                     self.event("response.output_item.done", output_index=index, item=copy.deepcopy(item))]
         if kind == "function_call":
             item["arguments"] = item["arguments"] if text is None else text
@@ -308,9 +323,11 @@ class ResponseBuilder:
                 self.event("response.content_part.done", **ids, content_index=0, part=dict(part)),
                 self.event("response.output_item.done", output_index=index, item=copy.deepcopy(item))]
 
-    def python_output(self, output: str) -> list[dict[str, Any]]:
-        """The built-in python tool ran the open call: its logs close the item."""
-        self.running.item["outputs"] = [{"type": "logs", "logs": output}]
+    def tool_output(self, output: str) -> list[dict[str, Any]]:
+        """A built-in tool answered the open call: close its item (python's with the logs;
+        OpenAI's web_search_call carries no page text)."""
+        if self.running.kind == "python_call":
+            self.running.item["outputs"] = [{"type": "logs", "logs": output}]
         return self._close(None, "call")
 
     def count(self, result: GenerationResult) -> None:
@@ -371,11 +388,12 @@ async def run_events(state: ServerState, request: ResponsesRequest, http_request
 
 async def _events(state: ServerState, builder: ResponseBuilder, stream, http_request
                   ) -> AsyncIterator[dict[str, Any]]:
-    """Stream a generation's events; while it ends in a call to the built-in python tool, run
-    the code, add both to the history and generate again (at most `MAX_TOOL_ROUNDS`)."""
+    """Stream a generation's events; while it ends in a call to a built-in tool the server
+    runs (python, browser), run it, add the call and the reply to the history and generate
+    again (at most `MAX_TOOL_ROUNDS` times). Each response gets fresh tool sessions."""
     for event in builder.start():
         yield event
-    request, python, rounds = builder.request, None, 0
+    request, tools, rounds = builder.request, {}, 0
     try:
         while True:
             result = None
@@ -394,13 +412,14 @@ async def _events(state: ServerState, builder: ResponseBuilder, stream, http_req
             if builder.running is None or rounds >= MAX_TOOL_ROUNDS or left < 1:
                 break
             rounds += 1
-            if python is None:
-                python = state.python_factory()
-            output = await asyncio.to_thread(python.run, builder.running.item["code"])
-            for out in builder.python_output(output):
-                yield out
             call = result.messages[-1]
-            builder.history += [*result.messages, python_result(output, call.channel)]
+            name = builder.running.kind.removesuffix("_call")
+            if name not in tools:
+                tools[name] = state.builtin_tools[name]()
+            replies = await asyncio.to_thread(tools[name].process, call)
+            for out in builder.tool_output("\n".join(m.text() for m in replies)):
+                yield out
+            builder.history += [*result.messages, *replies]
             plan = request.replan(state, builder.history, left)
             stream = state.worker.start(plan.ids, admitted=True, **plan.options)
     except Exception as e:  # noqa: BLE001 - reported to this client as response.failed
@@ -408,7 +427,7 @@ async def _events(state: ServerState, builder: ResponseBuilder, stream, http_req
             yield out
         return
     finally:
-        if python is not None:
-            python.close()
+        for tool in tools.values():
+            tool.close()
     for out in builder.finish(result):
         yield out
