@@ -168,7 +168,8 @@ def echoed_tools(tools: list | None, functions: list, builtins: set[str]) -> lis
         for f in functions]
     for tool in tools or []:
         if isinstance(tool, dict) and BUILTIN_TOOL_TYPES.get(tool.get("type")) in builtins:
-            out.append({"container": {"type": "auto"}, **tool})
+            extra = {"container": {"type": "auto"}} if tool["type"] == "code_interpreter" else {}
+            out.append({**extra, **tool})
     return out
 
 
