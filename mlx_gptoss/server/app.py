@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import hmac
-import json
 import logging
 import threading
 import time
@@ -24,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..env import parse_json
 from . import chat_completions, responses
 from .generation import ServerState, sse
 from .protocol import APIError, bad_request
@@ -194,15 +194,14 @@ async def read_json(state: ServerState, request: Request) -> dict[str, Any]:
         if size > limit:
             raise too_large
         chunks.append(chunk)
-    try:
-        body = json.loads(b"".join(chunks))
-    except RecursionError:
-        raise bad_request("the request body is nested too deeply", None, "invalid_json") from None
-    except ValueError as e:
-        raise bad_request(f"the request body is not valid JSON ({e})", None, "invalid_json") from None
-    if not isinstance(body, dict):
-        raise bad_request("the request body must be a JSON object", None, "invalid_json")
-    return body
+    return parse_json(b"".join(chunks), "the request body", expect=dict, error=InvalidBody)
+
+
+class InvalidBody(APIError):
+    """A body that is not a JSON object (or is nested too deeply): 400 `invalid_json`."""
+
+    def __init__(self, message: str):
+        super().__init__(400, message, code="invalid_json")
 
 
 def answers_errors(route: Callable) -> Callable:
