@@ -2,7 +2,7 @@
 
 Both APIs are read into one `Prompt`: the history as harmony messages plus what goes into the
 system and developer messages (instructions, function tools, response format, effort). The
-history is rendered the way the model was trained (`RENDER_CONFIG`): the analysis of finished
+history is rendered the way the model was trained (`agent.TURN_RENDER`): the analysis of finished
 turns is dropped, the analysis inside an unfinished tool chain is kept. All user, tool and
 instruction text goes through the renderer's ordinary-text encoding, so `<|start|>` typed by a
 client is plain text, never a control token.
@@ -31,7 +31,6 @@ from ..harmony import (
     Author,
     HarmonyTokenizer,
     Message,
-    RenderConversationConfig,
     Role,
     StreamParser,
     TextContent,
@@ -44,8 +43,6 @@ from .protocol import bad_request, get
 
 log = logging.getLogger("mlx_gptoss.server")
 
-# The analysis of finished turns dropped, kept inside an unfinished tool chain (as `Chat`).
-RENDER_CONFIG = RenderConversationConfig(auto_drop_analysis=True, drop_finished_turns=True)
 JSON_CONTENT_TYPE = "<|constrain|>json"
 REASONING_PREFIX = "mlxgptoss.v1:"
 EFFORTS = ("low", "medium", "high")

@@ -14,11 +14,12 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
+from ..agent import render_turn
 from ..constrained import JsonSchemaConstraint
 from ..errors import GptOssError, HarmonyError, SchemaError
-from ..harmony import HarmonyTokenizer, Role, render_conversation_for_completion
+from ..harmony import HarmonyTokenizer
 from ..sampling import SamplingParams
-from .convert import RENDER_CONFIG, Prompt
+from .convert import Prompt
 from .protocol import APIError, bad_request
 from .worker import Worker
 
@@ -71,7 +72,7 @@ def plan_generation(state: ServerState, prompt: Prompt, *, tool_choice: Any = "a
     """Render `prompt` and build the generation keywords (see the module docstring)."""
     tok = state.tokenizer
     try:
-        ids = render_conversation_for_completion(prompt.messages(), Role.ASSISTANT, RENDER_CONFIG, tok)
+        ids = render_turn(tok, prompt.messages())  # the agent loop's rendering (CoT rule)
     except HarmonyError as e:
         raise bad_request(f"the conversation cannot be rendered: {e}") from None
     room = state.context_length - len(ids)
