@@ -259,7 +259,7 @@ def test_python_tool_runs_in_the_sandbox(chat_model):
         assert "## python" in tok.decode(chat.prompt_tokens())  # declared in the system message
     off = Chat(scripted("<|channel|>analysis to=python code<|message|>1<|call|>",
                         "<|channel|>final<|message|>ok<|return|>"), tok, sampling=GREEDY)
-    assert "not enabled" in off.send("x").messages[1].text()
+    assert "no tool named python is available" in off.send("x").messages[1].text()
 
 
 def test_call_without_recipient_ends_the_turn_cleanly(chat_model):

@@ -36,7 +36,9 @@ def load_chat(model: str, dtype: Optional[str], *, effort: str, system: Optional
               developer: Optional[str], tools: Optional[Path], python: bool,
               temperature: Optional[float], top_p: Optional[float], top_k: Optional[int],
               min_p: Optional[float], seed: Optional[int], max_tokens: int,
-              max_tool_rounds: int, on_tool_call=None, json_schema: Optional[Path] = None):
+              max_tool_rounds: int, on_tool_call=None, json_schema: Optional[Path] = None,
+              python_unsafe: bool = False, confirm_code=None, browser: bool = False,
+              browser_search: Optional[str] = None, browser_allow_private: bool = False):
     """Everything both commands need: loaded model, tools, sampling, a `Chat`.
 
     Every option is checked, and every file read, before the model loads (which can take
@@ -55,6 +57,9 @@ def load_chat(model: str, dtype: Optional[str], *, effort: str, system: Optional
         resolve_dtype(dtype)
     functions = load_tools_file(tools) if tools is not None else []
     response_format = load_json_schema(json_schema) if json_schema is not None else None
+    python_tool, browser_tool = builtin_tools(
+        python=python, python_unsafe=python_unsafe, confirm_code=confirm_code, browser=browser,
+        browser_search=browser_search, browser_allow_private=browser_allow_private)
     net, tokenizer = load(model, dtype)
     context = getattr(net.config, "max_position_embeddings", None)
     if context is not None and max_tokens > context:
@@ -62,9 +67,27 @@ def load_chat(model: str, dtype: Optional[str], *, effort: str, system: Optional
                           f"({context} tokens)")
     sampling = net.sampling_defaults.with_overrides(**overrides)
     return Chat(net, tokenizer, instructions=developer, system=system, reasoning_effort=effort,
-                tools=functions, python=python, on_tool_call=on_tool_call,
+                tools=functions, python=python_tool or False, browser=browser_tool or False,
+                on_tool_call=on_tool_call,
                 max_tool_rounds=max_tool_rounds, max_tokens=max_tokens, sampling=sampling,
                 response_format=response_format)
+
+
+def builtin_tools(*, python: bool, python_unsafe: bool, confirm_code, browser: bool,
+                  browser_search: Optional[str], browser_allow_private: bool):
+    """The python and browser tools the flags ask for (None where off), built before the model
+    loads so a missing sandbox or a bad search provider is the first thing the user sees."""
+    from ..tools import BrowserTool, PythonTool
+
+    if python_unsafe and not python:
+        raise GptOssError("--python-unsafe-no-sandbox needs --python")
+    if (browser_search is not None or browser_allow_private) and not browser:
+        raise GptOssError("--browser-search and --browser-allow-private need --browser")
+    python_tool = (PythonTool(unsafe_no_sandbox=python_unsafe, confirm=confirm_code)
+                   if python else None)
+    browser_tool = (BrowserTool(search=browser_search, allow_private=browser_allow_private)
+                    if browser else None)
+    return python_tool, browser_tool
 
 
 def check_effort(effort: str) -> None:
@@ -324,6 +347,11 @@ def generate(
     seed: Optional[int] = SEED,
     tools: Optional[Path] = TOOLS,
     python: bool = PYTHON,
+    python_auto: bool = PYTHON_AUTO,
+    python_unsafe: bool = PYTHON_UNSAFE,
+    browser: bool = BROWSER,
+    browser_search: Optional[str] = BROWSER_SEARCH,
+    browser_allow_private: bool = BROWSER_ALLOW_PRIVATE,
     max_tool_rounds: int = MAX_TOOL_ROUNDS,
     json_schema: Optional[Path] = JSON_SCHEMA,
     dtype: Optional[str] = DTYPE,
@@ -341,6 +369,9 @@ def generate(
     first such call and prints it (`--json`: a tool_call event). A script answers it by
     appending the tool's message to the --conversation file and running generate again.
     """
+    if python and not python_auto:
+        raise GptOssError("generate cannot ask before running the model's code: pass "
+                          "--python-auto with --python (chat asks before each run)")
     history = read_conversation(conversation)
     resume = ends_with_tool_result(history)
     if resume and prompt is not None:
@@ -351,6 +382,9 @@ def generate(
     try:
         chat = load_chat(model, dtype, effort=reasoning_effort, system=system,
                          developer=developer, tools=tools, python=python,
+                         python_unsafe=python_unsafe, browser=browser,
+                         browser_search=browser_search,
+                         browser_allow_private=browser_allow_private,
                          temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                          seed=seed, max_tokens=max_tokens, max_tool_rounds=max_tool_rounds,
                          json_schema=json_schema)
