@@ -2,11 +2,15 @@
 
 A `JsonSchemaConstraint` compiles the answer's schema (and each function tool's parameter
 schema) once, before generation, so a bad schema fails early with `SchemaError`. Its
-`processor()` is a logits processor `(tokens so far, logits) -> logits` for one generation: it
-follows the harmony stream with its own `StreamParser`, leaves the analysis channel free, and
-from the first content token of the final message (or of a `functions.NAME <|constrain|>json`
-call) masks every token the schema forbids. When the JSON is complete only `<|return|>` (answer)
-or `<|call|>` (tool call) is left, so the message ends there.
+`processor()` is a logits processor `(tokens so far, logits) -> logits` for one generation.
+With a response format, a `tool_choice` or a reasoning budget it writes the whole assistant
+turn: headers only from the allowed openings (analysis, final, `functions.NAME` calls), one
+free analysis closed by `<|end|>` when the budget (or the room left in `max_tokens` for the
+longest valid answer) runs out, then the final message's JSON and `<|return|>`, or a call's
+arguments and `<|call|>`. A model that never writes a header still answers valid JSON: that
+is the guarantee, not "usually". With only tools it constrains the JSON bodies the model
+opens. It reads the harmony state from the generation loop's parser (`bind`), so each
+sequence is parsed once; see docs/structured-output.md.
 
 The mask is llguidance's bitmask (one bit per token, 6284 int32 words for 201088 tokens), filled
 in place into a reusable buffer and expanded inside MLX (`mx.where` on the shifted words), so no
@@ -31,10 +35,12 @@ levels deep; a schema's `x-guidance` options can override it): an unbounded gap 
 model stall in whitespace forever.
 
 Limits: the schema's own semantics are kept (without `additionalProperties: false` the model may
-add keys; without `maxLength` a string may run on), so a confused model can still reach
-`max_tokens` before the JSON closes: the result then says `stop == "length"`. Cost: about
-0.04 ms of llguidance and 0.2 ms of MLX masking per constrained token on this CPU
-(`constraint_cost`, `benchmarks/constrained_cost.py`).
+add keys; without `maxLength` a string may run on), so for an unbounded schema a confused model
+can still reach `max_tokens` before the JSON closes: `json_complete` is then False and the
+result says `stop == "length"`. Cost per decoded token on the 2-core CPU (`constraint_cost`,
+`benchmarks/constrained_cost.py`, medians): 0.16 ms for a header token or analysis text (one
+masking pass over the vocabulary), 0.25 ms for a JSON token (llguidance's mask + the bitmask
+expanded in MLX).
 """
 from __future__ import annotations
 
@@ -731,28 +737,45 @@ class ConstrainedLogitsProcessor:
 # --------------------------------------------------------------------------- cost
 
 
-def constraint_cost(tokenizer: HarmonyTokenizer, schema: Any, document: str,
-                    repeats: int = 3) -> dict[str, float]:
-    """What the constraint adds to each decoded token, replaying `document` (valid for `schema`)
-    as a final answer: parser bookkeeping, llguidance's mask and the MLX masking, evaluated.
+def _summary(times: list[float]) -> dict[str, float]:
+    ms = np.array(times) * 1e3
+    return {"mean_ms": float(ms.mean()), "median_ms": float(np.median(ms)),
+            "p90_ms": float(np.percentile(ms, 90)), "max_ms": float(ms.max())}
 
-    Milliseconds per token over all repeats: mean, median, 90th percentile and max.
+
+def constraint_cost(tokenizer: HarmonyTokenizer, schema: Any, document: str, repeats: int = 3,
+                    reasoning: str = "The user wants the order; I will fill in the fields.",
+                    ) -> dict[str, Any]:
+    """What the constraint adds to each decoded token, replaying a whole structured turn as the
+    engine runs it (one parser, fed each token, the processor bound to it): the analysis
+    header, `reasoning`, `<|end|><|start|>assistant`, the final header, then `document` (valid
+    for `schema`) and `<|return|>`. The parser's own work is the loop's, not timed here.
+
+    Milliseconds per token over all repeats, for the answer (mean, median, p90, max; `tokens`:
+    its length with `<|return|>`) and per phase in `phases`: "header" (forced header tokens),
+    "analysis" (free text, the text mask) and "answer" (llguidance's mask and the MLX masking).
     """
+    tok = tokenizer
     constraint = JsonSchemaConstraint(tokenizer, schema)
-    answer = tokenizer.encode(document) + [tokenizer.return_]
-    header = [tokenizer.channel] + tokenizer.encode("final") + [tokenizer.message]
+    analysis, final = constraint.openings[:2]
+    turn = ([(t, "header") for t in analysis.header] + [(t, "analysis") for t in tok.encode(reasoning)]
+            + [(tok.end, "analysis")]
+            + [(t, "header") for t in (tok.start, *constraint.role, *final.header)]
+            + [(t, "answer") for t in tok.encode(document) + [tok.return_]])
     logits = mx.random.normal((VOCAB_SIZE,))
     mx.eval(logits)
-    times = []
+    times: dict[str, list[float]] = {"header": [], "analysis": [], "answer": []}
     for repeat in range(repeats + 1):  # the first replay warms up (compiles the masking)
+        parser = StreamParser(tok, Role.ASSISTANT)
         processor = constraint.processor()
-        generated = list(header)
-        for token in answer:
+        processor.bind(parser)
+        for token, phase in turn:
             start = time.perf_counter()
-            mx.eval(processor(generated, logits))
+            mx.eval(processor((), logits))
             if repeat:
-                times.append(time.perf_counter() - start)
-            generated.append(token)
-    ms = np.array(times) * 1e3
-    return {"tokens": len(answer), "mean_ms": float(ms.mean()), "median_ms": float(np.median(ms)),
-            "p90_ms": float(np.percentile(ms, 90)), "max_ms": float(ms.max())}
+                times[phase].append(time.perf_counter() - start)
+            parser.feed(token)
+    if not processor.json_complete:
+        raise SchemaError("the document does not complete the schema's JSON")
+    return {"tokens": len(tok.encode(document)) + 1, **_summary(times["answer"]),
+            "phases": {phase: {"tokens": len(t) // repeats, **_summary(t)} for phase, t in times.items()}}
