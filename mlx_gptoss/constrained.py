@@ -159,16 +159,25 @@ _BIT_SHIFTS = mx.arange(32, dtype=mx.uint32)
 
 
 @mx.compile
-def _masked(logits: mx.array, words: mx.array) -> mx.array:
-    allowed = ((words[:, None] >> _BIT_SHIFTS) & 1).reshape(-1).astype(mx.bool_)
-    return mx.where(allowed[: logits.shape[-1]], logits, -mx.inf)
+def _expanded(words: mx.array) -> mx.array:
+    return ((words[:, None] >> _BIT_SHIFTS) & 1).reshape(-1).astype(mx.bool_)
+
+
+def bitmask_to_mask(words: np.ndarray) -> mx.array:
+    """The bool `[32 * words]` mask of llguidance's bitmask (int32 words, bit i = token i)."""
+    return _expanded(mx.array(words.view(np.uint32)))
+
+
+def masked(logits: mx.array, mask: mx.array) -> mx.array:
+    """`logits[..., vocab]` with the tokens `mask` does not allow set to -inf."""
+    if logits.shape[-1] > mask.shape[-1]:
+        raise ValueError(f"logits have {logits.shape[-1]} entries, the mask covers {mask.shape[-1]}")
+    return mx.where(mask[..., : logits.shape[-1]], logits, -mx.inf)
 
 
 def apply_bitmask(logits: mx.array, words: np.ndarray) -> mx.array:
     """`logits[..., vocab]` with the tokens whose bit is 0 in `words` (int32) set to -inf."""
-    if logits.shape[-1] > 32 * words.shape[-1]:
-        raise ValueError(f"logits have {logits.shape[-1]} entries, the mask covers {32 * words.shape[-1]}")
-    return _masked(logits, mx.array(words.view(np.uint32)))
+    return masked(logits, bitmask_to_mask(words))
 
 
 # --------------------------------------------------------------------------- answer lengths
@@ -321,14 +330,12 @@ class Opening:
     """A message the structured decoder may open once the assistant's role is written.
 
     `header`: its tokens from `<|channel|>` to `<|message|>`; `schema`: what its body must be
-    (None: free text); `end`: the token that closes it; `body_tokens`: the most tokens the body
-    can take (None: unbounded).
+    (None: free text); `body_tokens`: the most tokens the body can take (None: unbounded).
     """
 
     kind: str  # "analysis", "final" or "call"
     header: tuple[int, ...]
     schema: CompiledSchema | None
-    end: int
     body_tokens: int | None
 
 
@@ -386,7 +393,7 @@ class JsonSchemaConstraint:
         }
         self.tool_choice, callable_ = tool_choice_of(tool_choice, [t.name for t in tools])
         if max_reasoning_tokens is not None and (
-                not isinstance(max_reasoning_tokens, int) or max_reasoning_tokens < 0):
+                type(max_reasoning_tokens) is not int or max_reasoning_tokens < 0):
             raise SchemaError(f"max_reasoning_tokens must be a whole number >= 0, "
                               f"got {max_reasoning_tokens!r}")
         self.max_reasoning_tokens = max_reasoning_tokens
@@ -428,16 +435,16 @@ class JsonSchemaConstraint:
         def header(text: str, *extra: int) -> tuple[int, ...]:
             return (tok.channel, *tok.encode(text), *extra, tok.message)
 
-        openings = [Opening("analysis", header("analysis"), None, tok.end, None)]
+        openings = [Opening("analysis", header("analysis"), None, None)]
         if self.tool_choice != "required":
             bound = None if self.answer is None else max_json_tokens(self.answer.schema)
-            openings.append(Opening("final", header("final"), self.answer, tok.return_, bound))
+            openings.append(Opening("final", header("final"), self.answer, bound))
         for name in callable_:
             compiled = self.tools[FUNCTIONS + name]
             call = header(f"commentary to={FUNCTIONS}{name} ", tok.constrain, *tok.encode("json"))
             if len(call) + len(self.role) > MAX_HEADER_TOKENS:
                 raise SchemaError(f"tool name {name!r} is too long for a harmony header")
-            openings.append(Opening("call", call, compiled, tok.call, max_json_tokens(compiled.schema)))
+            openings.append(Opening("call", call, compiled, max_json_tokens(compiled.schema)))
         return openings
 
     def schema_for(self, channel: str | None, recipient: str | None,
@@ -546,15 +553,24 @@ class ConstrainedLogitsProcessor:
         return self.completed if self.matcher is None else self._only_end_left()
 
     def __call__(self, tokens: Sequence[int] | mx.array, logits: mx.array) -> mx.array:
+        mask = self.next_mask(tokens)
+        return logits if mask is None else masked(logits, mask)
+
+    def next_mask(self, tokens: Sequence[int] | mx.array = ()) -> mx.array | None:
+        """The next token's allowed-token mask (bool `[vocab]`), or None when it is free.
+
+        It depends only on the tokens so far, never on the logits: a batched engine can stack
+        the rows' masks into one `mx.where`, and a pipelined loop can compute it while the
+        model's forward pass for the last token runs."""
         if self.bound is None:
             self.advance(tokens)
         else:
             self._sync()
         if self.matcher is not None:
-            return self._json_mask(logits)
+            return self._json_mask()
         if not self.constraint.structured:
-            return logits
-        return mx.where(self._structure_mask()[: logits.shape[-1]], logits, -mx.inf)
+            return None
+        return self._structure_mask()
 
     # ----------------------------------------------------------------- following the stream
 
@@ -632,13 +648,13 @@ class ConstrainedLogitsProcessor:
 
     # ----------------------------------------------------------------- masks
 
-    def _json_mask(self, logits: mx.array) -> mx.array:
+    def _json_mask(self) -> mx.array:
         self.matcher.unsafe_compute_mask_ptr(self.words.ctypes.data, self.words.nbytes)
         if self.matcher.is_error():  # e.g. a parser resource limit: never sample from no mask
             raise SchemaError(f"the JSON Schema constraint failed: {self.matcher.get_error()}")
         if self.end_token != self.tok.return_:
             self._swap_end_token()
-        return apply_bitmask(logits, self.words)
+        return bitmask_to_mask(self.words)
 
     def _only_end_left(self) -> bool:
         """The JSON is complete and cannot go on (only the end token may follow)."""

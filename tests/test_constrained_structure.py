@@ -76,11 +76,18 @@ def check_answer(chat_model, schema, seed: int):
     assert result.stop == "return", (result.stop, tok.decode(result.tokens))
     assert processor.json_complete is True
     jsonschema.validate(json.loads(result.text), schema, format_checker=jsonschema.FormatChecker())
-    [final] = [m for m in result.messages if m.channel == "final"]
-    assert len(tok.encode(final.text())) <= bound
     assert [m.channel for m in result.messages] in (["analysis", "final"], ["final"])
-    assert not result.messages[0].channel == "analysis" or len(result.reasoning) > 0
+    bodies = body_lengths(tok, result.tokens)
+    assert bodies[-1] <= bound  # the sampled JSON, <|return|> excluded
+    assert len(bodies) == 1 or bodies[0] <= ANALYSIS_ROOM  # the budget left the answer room
     return result
+
+
+def body_lengths(tok, tokens: list[int]) -> list[int]:
+    """Sampled content tokens of each message: from <|message|> to its closing token."""
+    starts = [i + 1 for i, t in enumerate(tokens) if t == tok.message]
+    stops = [i for i, t in enumerate(tokens) if t in (tok.end, tok.return_, tok.call)]
+    return [stop - start for start, stop in zip(starts, stops)]
 
 
 @FAST
@@ -104,14 +111,14 @@ def test_reasoning_budget_then_final_json(chat_model):
               "properties": {"x": {"type": "number", "minimum": 0, "maximum": 1},
                              "ok": {"type": "boolean"}}}
     constraint = JsonSchemaConstraint.from_schema(tok, schema, max_reasoning_tokens=5)
+    thought = []
     for seed in (1, 2):
         result, processor = run(chat_model, constraint, seed, max_tokens=300)
         assert result.stop == "return" and processor.json_complete
         jsonschema.validate(json.loads(result.text), schema)
-        analysis = [m for m in result.messages if m.channel == "analysis"]
-        if analysis:
-            start = result.tokens.index(tok.message) + 1
-            assert result.tokens[start + 5] == tok.end  # five reasoning tokens, then closed
+        if result.messages[0].channel == "analysis":
+            thought.append(body_lengths(tok, result.tokens)[0])
+    assert thought and set(thought) == {5}  # five reasoning tokens, then closed
 
 
 def test_without_the_header_constraint_the_answer_is_not_json(chat_model):
