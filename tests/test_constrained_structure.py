@@ -151,7 +151,8 @@ def check_call(chat_model, parameters, seed: int, tool_choice):
     [call] = result.tool_calls
     schemas = {"functions.get_weather": WEATHER.parameters, "functions.lookup": parameters}
     if isinstance(tool_choice, dict):
-        assert call.recipient == "functions." + tool_choice["name"]
+        named = tool_choice.get("name") or tool_choice["function"]["name"]
+        assert call.recipient == "functions." + named
     assert call.channel == "commentary" and call.content_type == "<|constrain|>json"
     jsonschema.validate(json.loads(call.text()), schemas[call.recipient],
                         format_checker=jsonschema.FormatChecker())
