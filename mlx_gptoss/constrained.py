@@ -38,9 +38,9 @@ Limits: the schema's own semantics are kept (without `additionalProperties: fals
 add keys; without `maxLength` a string may run on), so for an unbounded schema a confused model
 can still reach `max_tokens` before the JSON closes: `json_complete` is then False and the
 result says `stop == "length"`. Cost per decoded token on the 2-core CPU (`constraint_cost`,
-`benchmarks/constrained_cost.py`, medians): 0.16 ms for a header token or analysis text (one
-masking pass over the vocabulary), 0.25 ms for a JSON token (llguidance's mask + the bitmask
-expanded in MLX).
+`benchmarks/constrained_cost.py`, medians of two runs): 0.15-0.18 ms for a header token or
+analysis text (one masking pass over the vocabulary), 0.25-0.5 ms for a JSON token
+(llguidance's mask + the bitmask expanded in MLX).
 """
 from __future__ import annotations
 
