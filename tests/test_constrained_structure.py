@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_constrained import LEAVES, NAMES, WEATHER, arrays, feed_all, objects
+from test_constrained import LEAVES, WEATHER, arrays, feed_all, objects
 
 from mlx_gptoss.constrained import JsonSchemaConstraint, compile_schema, max_json_tokens
 from mlx_gptoss.errors import SchemaError
@@ -281,6 +281,28 @@ def test_bound_processor_reads_the_loops_parser(tok):
     assert processor.active and processor.json_complete is False  # "4" may go on: "42"
     parser.feed(tok.return_)
     assert processor.json_complete is True
+
+
+def test_one_processor_per_row_of_a_batch(tok):
+    """Rows share the compiled constraint, not state: interleaved steps give each row the
+    masks it gets alone."""
+    constraint = JsonSchemaConstraint.from_schema(tok, {"enum": ["yes", "no"]}, max_reasoning_tokens=2)
+    logits = mx.zeros((VOCAB,))
+    rows = [[tok.channel] + tok.encode("analysis") + [tok.message] + tok.encode(" a b"),
+            [tok.channel] + tok.encode("final") + [tok.message] + tok.encode('"no"')]
+    alone = [feed_all(constraint.processor(), row, logits) for row in rows]
+    parsers = [StreamParser(tok) for _ in rows]
+    processors = [constraint.processor() for _ in rows]
+    for parser, processor in zip(parsers, processors):
+        processor.bind(parser)
+    for step in range(max(map(len, rows)) + 1):
+        for r, (row, parser, processor) in enumerate(zip(rows, parsers, processors)):
+            if step > len(row):
+                continue
+            np.testing.assert_array_equal(np.array(processor([], logits)), np.array(alone[r][step]))
+            if step < len(row):
+                parser.feed(row[step])
+    assert allowed(alone[0][-1]) == {tok.end} and allowed(alone[1][-1]) == {tok.return_}
 
 
 def test_json_complete_at_length(tok):
