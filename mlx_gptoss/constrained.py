@@ -522,7 +522,7 @@ class ConstrainedLogitsProcessor:
         """Start over (from `prompt`); done by itself when `tokens` come back shorter, i.e. when
         the unbound processor is reused for the next generation."""
         self.seen = 0
-        self._start(self.bound or parser_after(self.prompt, self.tok))
+        self._start(self.bound if self.bound is not None else parser_after(self.prompt, self.tok))
 
     def _start(self, parser: StreamParser) -> None:
         self.parser = parser
