@@ -254,6 +254,12 @@ class StreamParser:
         self.text_parts: list[str] = []
         self.pending = b""
         self.last_delta: str | None = None
+        # Where the open (or last) message's content starts in `tokens`, and the index of the
+        # token that closed it (len(tokens) for end of stream; None while open): lets a logits
+        # processor bound to this parser find a message's content tokens without parsing again.
+        self.content_start = 0
+        self.content_stop: int | None = None
+        self._position = 0  # index in `tokens` of the token being read (len(tokens) at finish)
         self._events: list[Event] = []
         tok = self.tok
         self._stops = {tok.end: STOP_END, tok.call: STOP_CALL, tok.return_: STOP_RETURN}
@@ -264,6 +270,7 @@ class StreamParser:
         """Process one token; return the events it caused."""
         self._events = []
         token = _as_id(token)
+        self._position = len(self.tokens)
         self.tokens.append(token)
         if token is None or not 0 <= token < self.tok.vocab_size:
             self._fail(f"token {token!r} is outside the vocabulary")
@@ -286,6 +293,7 @@ class StreamParser:
     def finish(self) -> list[Event]:
         """End of stream: close the open message (or repair/raise for an open header)."""
         self._events = []
+        self._position = len(self.tokens)
         self._eos()
         return self._events
 
@@ -452,6 +460,8 @@ class StreamParser:
         self.headless = False
         self.text_parts = []
         self.pending = b""
+        self.content_start = len(self.tokens)
+        self.content_stop = None
         self._events.append(MessageStart(len(self.messages), header.author, header.channel,
                                          header.recipient, header.content_type))
 
@@ -498,6 +508,7 @@ class StreamParser:
             self._delta(self.pending.decode("utf-8", "replace"))
         self.last_delta = None
         h = self.header
+        self.content_stop = max(self._position, self.content_start)
         message = Message(h.author, [TextContent("".join(self.text_parts))], h.channel,
                           h.recipient, h.content_type)
         index = len(self.messages)
@@ -536,3 +547,22 @@ def parse_messages(tokens: Iterable[int], role: Role | None = Role.ASSISTANT, *,
     parser.feed_all(tokens)
     parser.finish()
     return parser.messages
+
+
+def parser_after(prompt: Iterable[int], tokenizer: HarmonyTokenizer | None = None) -> StreamParser:
+    """A lenient parser for what is generated after `prompt`.
+
+    Only the prompt's last message can still be open, so the parser reads from its last
+    `<|start|>`: a prompt ending `<|start|>assistant` leaves it in that header, one ending
+    `...<|channel|>final<|message|>` leaves it inside the final message, so the generated
+    tokens are read as that message's content. Without `<|start|>` the prompt is taken to
+    continue an assistant header (the completion convention).
+    """
+    prompt = [int(t) for t in prompt]
+    parser = StreamParser(tokenizer, Role.ASSISTANT)
+    start = parser.tok.start
+    if start in prompt:
+        prompt = prompt[len(prompt) - 1 - prompt[::-1].index(start):]
+        parser = StreamParser(parser.tok, None)
+    parser.feed_all(prompt)
+    return parser
