@@ -85,7 +85,8 @@ class Chat:
                  max_tokens: int = DEFAULT_MAX_TOKENS, sampling: SamplingParams | None = None,
                  logits_processors: Iterable[LogitsProcessor] = (),
                  prompt_cache: bool = True, date: str | None = None,
-                 response_format: Any = None, constrain_tools: bool = True):
+                 response_format: Any = None, constrain_tools: bool = True,
+                 max_reasoning_tokens: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.instructions = instructions
@@ -106,6 +107,8 @@ class Chat:
         # `constrain_tools`, every function call's arguments validate against its parameters.
         self.response_format = response_format
         self.constrain_tools = constrain_tools
+        # The reasoning budget of every generation (None: unbounded); see `stream_generate`.
+        self.max_reasoning_tokens = max_reasoning_tokens
         self._constraint: tuple[tuple, JsonSchemaConstraint | None] | None = None
         self.json_constraint()  # a bad schema fails here, before any generation
         # The slack lets a tool round trim back to where its call is re-rendered (recipient
@@ -143,18 +146,18 @@ class Chat:
                             ) -> tuple[tuple, JsonSchemaConstraint | None]:
         """(cache key, constraint) for these settings; the cached one when they are unchanged."""
         descriptions = tools.descriptions() if self.constrain_tools else []
-        key = (descriptions, _format_key(response_format))
+        budget = self.max_reasoning_tokens
+        key = (descriptions, _format_key(response_format), budget)
         if self._constraint is not None and self._constraint[0] == key:
             return self._constraint
-        if response_format is None and not descriptions:
+        if response_format is None and not descriptions and budget is None:
             return key, None
-        if isinstance(response_format, ResponseFormat):  # from a loaded conversation
-            constraint = JsonSchemaConstraint.from_schema(self.tokenizer, response_format.schema,
-                                                          tools=descriptions)
+        loaded = isinstance(response_format, ResponseFormat)  # from a loaded conversation
+        constraint = JsonSchemaConstraint.from_schema(
+            self.tokenizer, response_format.schema if loaded else response_format,
+            tools=descriptions, max_reasoning_tokens=budget)
+        if loaded:
             constraint.response_format = response_format  # its name and description, verbatim
-        else:
-            constraint = JsonSchemaConstraint.from_schema(self.tokenizer, response_format,
-                                                          tools=descriptions)
         return key, constraint
 
     def conversation(self) -> Conversation:
@@ -288,7 +291,7 @@ class Chat:
         processors = list(self.logits_processors)
         constraint = self.json_constraint()
         if constraint is not None:
-            processors.append(constraint.processor())
+            processors.append(constraint.processor(prompt, max_tokens=self.max_tokens))
         return stream_generate(self.model, self.tokenizer, prompt, max_tokens=self.max_tokens,
                                sampling=sampling, logits_processors=processors,
                                prompt_cache=self.cache)

@@ -143,7 +143,9 @@ def compile_schema(tokenizer: HarmonyTokenizer, schema: Any, what: str = "respon
 
 # --------------------------------------------------------------------------- the mask in MLX
 
-_BIT_SHIFTS = mx.arange(32, dtype=mx.uint32)
+# Built from data, not as a lazy graph: MLX evaluates a lazy array only on the stream (thread)
+# that made it, and masks are computed in whichever thread runs the generation (the engine's).
+_BIT_SHIFTS = mx.array(np.arange(32, dtype=np.uint32))
 
 
 @mx.compile

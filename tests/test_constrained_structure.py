@@ -19,18 +19,14 @@ from test_constrained import LEAVES, WEATHER, arrays, feed_all, objects
 
 from mlx_gptoss.constrained import JsonSchemaConstraint, compile_schema, max_json_tokens
 from mlx_gptoss.errors import SchemaError
-from mlx_gptoss.generate import generate, prompt_messages
-from mlx_gptoss.harmony import StreamParser, ToolDescription, load_tokenizer, parser_after
+from mlx_gptoss.generate import generate
+from mlx_gptoss.prompts import prompt_messages
+from mlx_gptoss.harmony import StreamParser, ToolDescription, parser_after
 from mlx_gptoss.harmony.tokenizer import FIRST_SPECIAL_ID
 from mlx_gptoss.sampling import SamplingParams
 
 VOCAB = 201088
 ANALYSIS_ROOM = 6  # reasoning tokens the tight max_tokens below leave
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer()
 
 
 def bounded(schema) -> bool:

@@ -28,6 +28,7 @@ from .generate import (
     EFFORT,
     EFFORTS,
     JSON_SCHEMA,
+    MAX_REASONING_TOKENS,
     MAX_TOKENS,
     MAX_TOOL_ROUNDS,
     MIN_P,
@@ -288,6 +289,7 @@ def chat(
     browser_allow_private: bool = BROWSER_ALLOW_PRIVATE,
     max_tool_rounds: int = MAX_TOOL_ROUNDS,
     json_schema: Optional[Path] = JSON_SCHEMA,
+    max_reasoning_tokens: Optional[int] = MAX_REASONING_TOKENS,
     dtype: Optional[str] = DTYPE,
     load_file: Optional[Path] = typer.Option(None, "--load", help="Start from a saved chat."),
     stats: Optional[bool] = STATS,
@@ -301,11 +303,12 @@ def chat(
                         json_schema=json_schema, python_unsafe=python_unsafe,
                         confirm_code=None if python_auto else _ask_to_run,
                         browser=browser, browser_search=browser_search,
-                        browser_allow_private=browser_allow_private)
+                        browser_allow_private=browser_allow_private,
+                        max_reasoning_tokens=max_reasoning_tokens)
     if load_file is not None:
         session.load(load_file)
     display = Display(session.tokenizer, show_reasoning=show_reasoning, verbose=verbose,
-                      stats=stats)
+                      stats=stats, hold_answer=json_schema is not None)
     try:
         repl(session, display)
     finally:

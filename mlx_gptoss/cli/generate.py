@@ -38,7 +38,8 @@ def load_chat(model: str, dtype: Optional[str], *, effort: str, system: Optional
               min_p: Optional[float], seed: Optional[int], max_tokens: int,
               max_tool_rounds: int, on_tool_call=None, json_schema: Optional[Path] = None,
               python_unsafe: bool = False, confirm_code=None, browser: bool = False,
-              browser_search: Optional[str] = None, browser_allow_private: bool = False):
+              browser_search: Optional[str] = None, browser_allow_private: bool = False,
+              max_reasoning_tokens: Optional[int] = None):
     """Everything both commands need: loaded model, tools, sampling, a `Chat`.
 
     Every option is checked, and every file read, before the model loads (which can take
@@ -68,7 +69,7 @@ def load_chat(model: str, dtype: Optional[str], *, effort: str, system: Optional
     sampling = net.sampling_defaults.with_overrides(**overrides)
     return Chat(net, tokenizer, instructions=developer, system=system, reasoning_effort=effort,
                 tools=functions, python=python_tool or False, browser=browser_tool or False,
-                on_tool_call=on_tool_call,
+                on_tool_call=on_tool_call, max_reasoning_tokens=max_reasoning_tokens,
                 max_tool_rounds=max_tool_rounds, max_tokens=max_tokens, sampling=sampling,
                 response_format=response_format)
 
@@ -141,6 +142,10 @@ BROWSER_ALLOW_PRIVATE = typer.Option(False, "--browser-allow-private", help=(
     "Let the browser open private, loopback and link-local addresses (blocked by default)."))
 MAX_TOOL_ROUNDS = typer.Option(DEFAULT_TOOL_ROUNDS, "--max-tool-rounds", min=0, metavar="<int>",
                                help="Tool calls per turn.")
+MAX_REASONING_TOKENS = typer.Option(
+    None, "--max-reasoning-tokens", min=0, metavar="<int>",
+    help="Close the reasoning after this many tokens and answer (with --json-schema, early "
+         "enough that the answer fits in --max-tokens).")
 JSON_SCHEMA = typer.Option(None, "--json-schema",
                            help="JSON Schema file: every answer is JSON that validates against it.")
 DTYPE = typer.Option(None, "--dtype",
@@ -159,11 +164,13 @@ class Display:
     """Streams a chat's events: the answer to `out`, the rest to `err` (dimmed on a TTY).
 
     `verbose` prints each prompt; `stats` (default: when `err` is a terminal) each
-    generation's speed and memory, so a script's stderr stays quiet unless asked."""
+    generation's speed and memory, so a script's stderr stays quiet unless asked.
+    `hold_answer` (with a JSON schema) prints the answer only once it is whole: a program
+    reading stdout never gets JSON that max_tokens cut off."""
 
     def __init__(self, tokenizer, *, show_reasoning: bool = True, as_json: bool = False,
                  verbose: bool = False, stats: bool | None = None, out: TextIO | None = None,
-                 err: TextIO | None = None):
+                 err: TextIO | None = None, hold_answer: bool = False):
         self.tok = tokenizer
         self.show_reasoning = show_reasoning
         self.as_json = as_json
@@ -175,6 +182,8 @@ class Display:
         self.channel: str | None = None
         self.recipient: str | None = None
         self.answer_open = False
+        self.hold_answer = hold_answer
+        self.held: list[str] = []
 
     def _err(self, text: str, dim: bool = False) -> None:
         if dim and self.dim:
@@ -212,9 +221,12 @@ class Display:
             if self.recipient:
                 self._err(event.text)
             elif self.channel == FINAL:
-                self.out.write(event.text)
-                self.out.flush()
-                self.answer_open = True
+                if self.hold_answer:
+                    self.held.append(event.text)
+                else:
+                    self.out.write(event.text)
+                    self.out.flush()
+                    self.answer_open = True
             elif self.channel == ANALYSIS:
                 if self.show_reasoning:
                     self._err(event.text, dim=True)
@@ -231,11 +243,18 @@ class Display:
             if self.stats:
                 self._err(event.stats.summary() + "\n")
         elif isinstance(event, Reply):
+            held, self.held = "".join(self.held), []
+            if held and event.complete:
+                self.out.write(held)
+                self.answer_open = True
             if self.answer_open:
                 self.out.write("\n")
                 self.out.flush()
                 self.answer_open = False
-            if event.stop == STOP_LENGTH:
+            if not event.complete:
+                self._err("[stopped: --max-tokens ended the answer before its JSON was "
+                          "complete; nothing was printed]\n")
+            elif event.stop == STOP_LENGTH:
                 self._err("[stopped: --max-tokens reached]\n")
             elif event.stop == STOP_TOOL_ROUNDS:
                 self._err("[stopped: too many tool rounds]\n")
@@ -354,6 +373,7 @@ def generate(
     browser_allow_private: bool = BROWSER_ALLOW_PRIVATE,
     max_tool_rounds: int = MAX_TOOL_ROUNDS,
     json_schema: Optional[Path] = JSON_SCHEMA,
+    max_reasoning_tokens: Optional[int] = MAX_REASONING_TOKENS,
     dtype: Optional[str] = DTYPE,
     as_json: bool = typer.Option(False, "--json", help="One JSON event per line on stdout."),
     stats: Optional[bool] = STATS,
@@ -385,11 +405,12 @@ def generate(
                          python_unsafe=python_unsafe, browser=browser,
                          browser_search=browser_search,
                          browser_allow_private=browser_allow_private,
+                         max_reasoning_tokens=max_reasoning_tokens,
                          temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                          seed=seed, max_tokens=max_tokens, max_tool_rounds=max_tool_rounds,
                          json_schema=json_schema)
         display = Display(chat.tokenizer, show_reasoning=show_reasoning, as_json=as_json,
-                          verbose=verbose, stats=stats)
+                          verbose=verbose, stats=stats, hold_answer=json_schema is not None)
         if history is not None:
             tool_result = continue_conversation(chat, history)
             text = tool_result if tool_result is not None else text
@@ -405,6 +426,8 @@ def generate(
     if reply.stop == STOP_CALL and not as_json:
         call = reply.messages[-1]
         print(json.dumps({"tool_call": {"recipient": call.recipient, "arguments": call.text()}}))
+    if not reply.complete:  # the answer a script waits for is not there: say so by the code
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:
