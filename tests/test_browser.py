@@ -276,17 +276,22 @@ def test_size_timeout_and_content_type_limits(server):
 # --------------------------------------------------------------------------- tool loop
 
 
+# A model that searches, opens the first result, and answers citing it.
+BROWSING_ROUNDS = [
+    '<|channel|>analysis to=browser.search <|constrain|>json<|message|>'
+    '{"query": "mlx", "topn": 3}<|call|>',
+    '<|channel|>analysis to=browser.open code<|message|>{"id": 1}<|call|>',
+    "<|channel|>final<|message|>MLX is lazy \u30101\u2020L8\u3011.<|return|>",
+]
+
+
 def test_scripted_model_searches_then_opens_through_the_router(server):
     from scripted import ScriptedModel, harmony
 
     from mlx_gptoss.generate import generate
     from mlx_gptoss.harmony import load_tokenizer
 
-    search = ('<|channel|>analysis to=browser.search <|constrain|>json<|message|>'
-              '{"query": "mlx", "topn": 3}<|call|>')
-    open_ = '<|channel|>analysis to=browser.open code<|message|>{"id": 1}<|call|>'
-    answer = "<|channel|>final<|message|>MLX is lazy \u30101\u2020L8\u3011.<|return|>"
-    model = ScriptedModel([harmony(search), harmony(open_), harmony(answer)])
+    model = ScriptedModel([harmony(r) for r in BROWSING_ROUNDS])
     tokenizer = load_tokenizer()
     with ToolRouter([browser(server)]) as router:
         system = SystemContent()
@@ -319,11 +324,7 @@ def test_chat_runs_the_browser_loop_search_then_open(server):
     from mlx_gptoss.harmony import load_tokenizer
     from mlx_gptoss.sampling import SamplingParams
 
-    search = ('<|channel|>analysis to=browser.search <|constrain|>json<|message|>'
-              '{"query": "mlx", "topn": 3}<|call|>')
-    open_ = '<|channel|>analysis to=browser.open code<|message|>{"id": 1}<|call|>'
-    answer = "<|channel|>final<|message|>MLX is lazy \u30101\u2020L8\u3011.<|return|>"
-    model = ScriptedModel([harmony(search), harmony(open_), harmony(answer)])
+    model = ScriptedModel([harmony(r) for r in BROWSING_ROUNDS])
     tokenizer = load_tokenizer()
     with Chat(model, tokenizer, browser=browser(server),
               sampling=SamplingParams(temperature=0)) as chat:
