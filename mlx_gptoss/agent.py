@@ -86,6 +86,11 @@ class Reply:
     def tool_calls(self) -> list[Message]:
         return [m for m in self.messages if m.author.role is Role.ASSISTANT and m.recipient]
 
+    @property
+    def complete(self) -> bool:
+        """False when max_tokens cut off a constrained answer (see `GenerationResult`)."""
+        return all(g.complete for g in self.generations)
+
     def __str__(self) -> str:
         return self.text
 

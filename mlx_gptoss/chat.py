@@ -17,11 +17,13 @@ Inside a turn, a tool call is re-rendered recipient first, so the next round's p
 from the cache just after the call's header start; the sliding layers keep `CALL_SLACK` extra
 keys to trim back there rather than re-read the round's analysis.
 
-Tool calls: `functions.*` run the registered Python callable; a function without one (e.g. from
-a tools file) goes to `on_tool_call(call) -> str` (the CLI asks the user); without a handler the
-turn stops with `stop == "call"` and `add_tool_result` + `resume` continue it. A function the
-model invented gets an error result. `python` runs in its own process when enabled (not a security sandbox). Every result goes back as
-the tool's message and generation continues, at most `max_tool_rounds` times per turn.
+Tool calls go through one `ToolRouter` (`router()`): `functions.*` run the registered Python
+callable; a function without one (e.g. from a tools file) goes to `on_tool_call(call) -> str`
+(the CLI asks the user); without a handler the turn stops with `stop == "call"` and
+`add_tool_result` + `resume` continue it. A function the model invented, or a tool that is not
+enabled, gets an error result. `python` (OS-sandboxed) and `browser` run when enabled, and
+`builtin_tools` adds tools of your own. Every result goes back as the tool's message and
+generation continues, at most `max_tool_rounds` times per turn.
 
 An interrupted turn (Ctrl-C, or the caller closing the stream) is discarded: history and cache
 are as before it.
@@ -58,7 +60,8 @@ from .harmony import (
 from .model import Model
 from .prompts import developer_message, parse_effort, system_message
 from .sampling import SamplingParams
-from .tools.functions import FunctionTool, ToolRegistry
+from .tools.base import Tool, ToolRouter
+from .tools.functions import FunctionTool, FunctionsTool, ToolRegistry
 
 RENDER_CONFIG = TURN_RENDER
 CALL_SLACK = 128  # sliding-window keys kept beyond the window: enough to rewind past a call
@@ -76,19 +79,23 @@ class Chat:
                  instructions: str | None = None, system: str | None = None,
                  reasoning_effort: str | ReasoningEffort = "medium",
                  tools: Iterable[FunctionTool | Callable[..., Any]] = (),
-                 python: bool | Any = False, on_tool_call: ToolHandler | None = None,
+                 python: bool | Tool = False, browser: bool | Tool = False,
+                 builtin_tools: Iterable[Tool] = (), on_tool_call: ToolHandler | None = None,
                  max_tool_rounds: int = DEFAULT_TOOL_ROUNDS,
                  max_tokens: int = DEFAULT_MAX_TOKENS, sampling: SamplingParams | None = None,
                  logits_processors: Iterable[LogitsProcessor] = (),
                  prompt_cache: bool = True, date: str | None = None,
-                 response_format: Any = None, constrain_tools: bool = True):
+                 response_format: Any = None, constrain_tools: bool = True,
+                 max_reasoning_tokens: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.instructions = instructions
         self.system = system
         self.reasoning_effort = parse_effort(reasoning_effort)
         self.tools = ToolRegistry(tools)
-        self.python = _python_tool(python)
+        self.python = _builtin(python, "PythonTool")
+        self.browser = _builtin(browser, "BrowserTool")
+        self.builtin_tools = list(builtin_tools)
         self.on_tool_call = on_tool_call
         self.max_tool_rounds = max_tool_rounds
         self.max_tokens = max_tokens
@@ -100,6 +107,8 @@ class Chat:
         # `constrain_tools`, every function call's arguments validate against its parameters.
         self.response_format = response_format
         self.constrain_tools = constrain_tools
+        # The reasoning budget of every generation (None: unbounded); see `stream_generate`.
+        self.max_reasoning_tokens = max_reasoning_tokens
         self._constraint: tuple[tuple, JsonSchemaConstraint | None] | None = None
         self.json_constraint()  # a bad schema fails here, before any generation
         # The slack lets a tool round trim back to where its call is re-rendered (recipient
@@ -113,7 +122,9 @@ class Chat:
     def header(self) -> list[Message]:
         """The system and developer messages this chat's settings render to."""
         system = system_message(reasoning_effort=self.reasoning_effort, identity=self.system,
-                                date=self.date, python_tool=self.python is not None)
+                                date=self.date)
+        for namespace in self.router().namespaces("system"):  # built-in tools, as trained
+            system.content[0].with_tools(namespace)
         system.content[0].knowledge_cutoff = self.knowledge_cutoff
         if self.channel_config is not None:
             system.content[0].channel_config = self.channel_config
@@ -135,18 +146,18 @@ class Chat:
                             ) -> tuple[tuple, JsonSchemaConstraint | None]:
         """(cache key, constraint) for these settings; the cached one when they are unchanged."""
         descriptions = tools.descriptions() if self.constrain_tools else []
-        key = (descriptions, _format_key(response_format))
+        budget = self.max_reasoning_tokens
+        key = (descriptions, _format_key(response_format), budget)
         if self._constraint is not None and self._constraint[0] == key:
             return self._constraint
-        if response_format is None and not descriptions:
+        if response_format is None and not descriptions and budget is None:
             return key, None
-        if isinstance(response_format, ResponseFormat):  # from a loaded conversation
-            constraint = JsonSchemaConstraint.from_schema(self.tokenizer, response_format.schema,
-                                                          tools=descriptions)
+        loaded = isinstance(response_format, ResponseFormat)  # from a loaded conversation
+        constraint = JsonSchemaConstraint.from_schema(
+            self.tokenizer, response_format.schema if loaded else response_format,
+            tools=descriptions, max_reasoning_tokens=budget)
+        if loaded:
             constraint.response_format = response_format  # its name and description, verbatim
-        else:
-            constraint = JsonSchemaConstraint.from_schema(self.tokenizer, response_format,
-                                                          tools=descriptions)
         return key, constraint
 
     def conversation(self) -> Conversation:
@@ -206,13 +217,16 @@ class Chat:
             raise GptOssError(f"a chat takes one response format; the conversation has {len(formats)}")
         response_format = formats[0] if formats else None
         constraint = self._compile_constraint(tools, response_format)  # a bad schema raises here
-        uses_python = "python" in (system.tools or {})
-        if uses_python and self.python is None:
-            raise GptOssError("the conversation uses the python tool, which this chat does not "
-                              "have: enable it (--python) to load it")
-        if not uses_python and self.python is not None:
-            self.python.close()
-            self.python = None
+        declared = system.tools or {}
+        for name in ("python", "browser"):  # a file never switches a built-in tool on
+            if name in declared and getattr(self, name) is None:
+                raise GptOssError(f"the conversation uses the {name} tool, which this chat does "
+                                  f"not have: enable it (--{name}) to load it")
+        for name in ("python", "browser"):
+            tool = getattr(self, name)
+            if name not in declared and tool is not None:
+                tool.close()
+                setattr(self, name, None)
         self.knowledge_cutoff = system.knowledge_cutoff
         self.channel_config = system.channel_config
         self.reasoning_effort = system.reasoning_effort
@@ -277,39 +291,29 @@ class Chat:
         processors = list(self.logits_processors)
         constraint = self.json_constraint()
         if constraint is not None:
-            processors.append(constraint.processor())
+            processors.append(constraint.processor(prompt, max_tokens=self.max_tokens))
         return stream_generate(self.model, self.tokenizer, prompt, max_tokens=self.max_tokens,
                                sampling=sampling, logits_processors=processors,
                                prompt_cache=self.cache)
 
-    def process(self, call: Message) -> list[Message]:
-        """The agent loop's router: the tool's reply to `call`, or [] when nobody here can
-        answer it (the turn then stops with `stop == "call"`)."""
-        output = self._run_tool(call)
-        return [] if output is None else [_tool_reply(call, output)]
+    def router(self) -> ToolRouter:
+        """This chat's tools, routed by recipient: its functions (the registered callables;
+        the others go to `on_tool_call`, else back to the caller), the python and browser
+        tools when enabled, and any `builtin_tools`. Built from the current settings."""
+        tools: list[Tool] = [FunctionsTool(self.tools, on_call=self.on_tool_call)]
+        tools += [t for t in (self.python, self.browser) if t is not None]
+        return ToolRouter(tools + self.builtin_tools)
 
-    def _run_tool(self, call: Message) -> str | None:
-        """The tool's output for `call`; None when nobody can answer it."""
-        recipient = call.recipient or ""
-        name = ToolRegistry.function_name(recipient)
-        if name is not None:
-            tool = self.tools.tools.get(name)
-            if tool is None or tool.function is not None:
-                return self.tools.run(name, call.text())  # unknown ones get an error result
-            if self.on_tool_call is not None:
-                return self.on_tool_call(call)
-            return None  # known but unimplemented: the caller answers it
-        if recipient.split(".")[0] == "python":
-            if self.python is None:
-                return '{"error": "the python tool is not enabled"}'
-            return self.python.run(call.text())
-        if self.on_tool_call is not None:
-            return self.on_tool_call(call)
-        return f'{{"error": "no tool named {recipient} is available"}}'
+    def process(self, call: Message) -> list[Message]:
+        """The agent loop's router: the tool's replies to `call`, or [] when nobody here can
+        answer it (the turn then stops with `stop == "call"`)."""
+        return self.router().process(call)
 
     def close(self) -> None:
-        if self.python is not None:
-            self.python.close()
+        """Stop the tools' processes (the python sandbox) and drop their state."""
+        for tool in (self.python, self.browser, *self.builtin_tools):
+            if tool is not None:
+                tool.close()
 
     def __repr__(self) -> str:
         effort = self.reasoning_effort.value.lower() if self.reasoning_effort else "none"
@@ -342,11 +346,12 @@ def _format_key(response_format: Any) -> Any:
         return response_format
 
 
-def _python_tool(python: bool | Any):
-    if python is False or python is None:
+def _builtin(tool: bool | Tool | None, default: str) -> Tool | None:
+    """A built-in tool from a flag (True: the default `mlx_gptoss.tools` class) or a tool."""
+    if tool is False or tool is None:
         return None
-    if python is True:
-        from .tools.python import PythonTool
+    if tool is True:
+        from . import tools
 
-        return PythonTool()
-    return python
+        return getattr(tools, default)()
+    return tool

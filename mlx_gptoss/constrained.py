@@ -2,11 +2,15 @@
 
 A `JsonSchemaConstraint` compiles the answer's schema (and each function tool's parameter
 schema) once, before generation, so a bad schema fails early with `SchemaError`. Its
-`processor()` is a logits processor `(tokens so far, logits) -> logits` for one generation: it
-follows the harmony stream with its own `StreamParser`, leaves the analysis channel free, and
-from the first content token of the final message (or of a `functions.NAME <|constrain|>json`
-call) masks every token the schema forbids. When the JSON is complete only `<|return|>` (answer)
-or `<|call|>` (tool call) is left, so the message ends there.
+`processor()` is a logits processor `(tokens so far, logits) -> logits` for one generation.
+With a response format, a `tool_choice` or a reasoning budget it writes the whole assistant
+turn: headers only from the allowed openings (analysis, final, `functions.NAME` calls), one
+free analysis closed by `<|end|>` when the budget (or the room left in `max_tokens` for the
+longest valid answer) runs out, then the final message's JSON and `<|return|>`, or a call's
+arguments and `<|call|>`. A model that never writes a header still answers valid JSON: that
+is the guarantee, not "usually". With only tools it constrains the JSON bodies the model
+opens. It reads the harmony state from the generation loop's parser (`bind`), so each
+sequence is parsed once; see docs/structured-output.md.
 
 The mask is llguidance's bitmask (one bit per token, 6284 int32 words for 201088 tokens), filled
 in place into a reusable buffer and expanded inside MLX (`mx.where` on the shifted words), so no
@@ -31,10 +35,12 @@ levels deep; a schema's `x-guidance` options can override it): an unbounded gap 
 model stall in whitespace forever.
 
 Limits: the schema's own semantics are kept (without `additionalProperties: false` the model may
-add keys; without `maxLength` a string may run on), so a confused model can still reach
-`max_tokens` before the JSON closes: the result then says `stop == "length"`. Cost: about
-0.04 ms of llguidance and 0.2 ms of MLX masking per constrained token on this CPU
-(`constraint_cost`, `benchmarks/constrained_cost.py`).
+add keys; without `maxLength` a string may run on), so for an unbounded schema a confused model
+can still reach `max_tokens` before the JSON closes: `json_complete` is then False and the
+result says `stop == "length"`. Cost per decoded token on the 2-core CPU (`constraint_cost`,
+`benchmarks/constrained_cost.py`, medians of two runs): 0.15-0.18 ms for a header token or
+analysis text (one masking pass over the vocabulary), 0.25-0.5 ms for a JSON token
+(llguidance's mask + the bitmask expanded in MLX).
 """
 from __future__ import annotations
 
@@ -137,21 +143,31 @@ def compile_schema(tokenizer: HarmonyTokenizer, schema: Any, what: str = "respon
 
 # --------------------------------------------------------------------------- the mask in MLX
 
-_BIT_SHIFTS = mx.arange(32, dtype=mx.uint32)
-mx.eval(_BIT_SHIFTS)  # now: a lazy array made in one thread cannot be evaluated in another
+# Built from data, not as a lazy graph: MLX evaluates a lazy array only on the stream (thread)
+# that made it, and masks are computed in whichever thread runs the generation (the engine's).
+_BIT_SHIFTS = mx.array(np.arange(32, dtype=np.uint32))
 
 
 @mx.compile
-def _masked(logits: mx.array, words: mx.array) -> mx.array:
-    allowed = ((words[:, None] >> _BIT_SHIFTS) & 1).reshape(-1).astype(mx.bool_)
-    return mx.where(allowed[: logits.shape[-1]], logits, -mx.inf)
+def _expanded(words: mx.array) -> mx.array:
+    return ((words[:, None] >> _BIT_SHIFTS) & 1).reshape(-1).astype(mx.bool_)
+
+
+def bitmask_to_mask(words: np.ndarray) -> mx.array:
+    """The bool `[32 * words]` mask of llguidance's bitmask (int32 words, bit i = token i)."""
+    return _expanded(mx.array(words.view(np.uint32)))
+
+
+def masked(logits: mx.array, mask: mx.array) -> mx.array:
+    """`logits[..., vocab]` with the tokens `mask` does not allow set to -inf."""
+    if logits.shape[-1] > mask.shape[-1]:
+        raise ValueError(f"logits have {logits.shape[-1]} entries, the mask covers {mask.shape[-1]}")
+    return mx.where(mask[..., : logits.shape[-1]], logits, -mx.inf)
 
 
 def apply_bitmask(logits: mx.array, words: np.ndarray) -> mx.array:
     """`logits[..., vocab]` with the tokens whose bit is 0 in `words` (int32) set to -inf."""
-    if logits.shape[-1] > 32 * words.shape[-1]:
-        raise ValueError(f"logits have {logits.shape[-1]} entries, the mask covers {32 * words.shape[-1]}")
-    return _masked(logits, mx.array(words.view(np.uint32)))
+    return masked(logits, bitmask_to_mask(words))
 
 
 # --------------------------------------------------------------------------- answer lengths
@@ -304,14 +320,12 @@ class Opening:
     """A message the structured decoder may open once the assistant's role is written.
 
     `header`: its tokens from `<|channel|>` to `<|message|>`; `schema`: what its body must be
-    (None: free text); `end`: the token that closes it; `body_tokens`: the most tokens the body
-    can take (None: unbounded).
+    (None: free text); `body_tokens`: the most tokens the body can take (None: unbounded).
     """
 
     kind: str  # "analysis", "final" or "call"
     header: tuple[int, ...]
     schema: CompiledSchema | None
-    end: int
     body_tokens: int | None
 
 
@@ -369,7 +383,7 @@ class JsonSchemaConstraint:
         }
         self.tool_choice, callable_ = tool_choice_of(tool_choice, [t.name for t in tools])
         if max_reasoning_tokens is not None and (
-                not isinstance(max_reasoning_tokens, int) or max_reasoning_tokens < 0):
+                type(max_reasoning_tokens) is not int or max_reasoning_tokens < 0):
             raise SchemaError(f"max_reasoning_tokens must be a whole number >= 0, "
                               f"got {max_reasoning_tokens!r}")
         self.max_reasoning_tokens = max_reasoning_tokens
@@ -411,16 +425,16 @@ class JsonSchemaConstraint:
         def header(text: str, *extra: int) -> tuple[int, ...]:
             return (tok.channel, *tok.encode(text), *extra, tok.message)
 
-        openings = [Opening("analysis", header("analysis"), None, tok.end, None)]
+        openings = [Opening("analysis", header("analysis"), None, None)]
         if self.tool_choice != "required":
             bound = None if self.answer is None else max_json_tokens(self.answer.schema)
-            openings.append(Opening("final", header("final"), self.answer, tok.return_, bound))
+            openings.append(Opening("final", header("final"), self.answer, bound))
         for name in callable_:
             compiled = self.tools[FUNCTIONS + name]
             call = header(f"commentary to={FUNCTIONS}{name} ", tok.constrain, *tok.encode("json"))
             if len(call) + len(self.role) > MAX_HEADER_TOKENS:
                 raise SchemaError(f"tool name {name!r} is too long for a harmony header")
-            openings.append(Opening("call", call, compiled, tok.call, max_json_tokens(compiled.schema)))
+            openings.append(Opening("call", call, compiled, max_json_tokens(compiled.schema)))
         return openings
 
     def schema_for(self, channel: str | None, recipient: str | None,
@@ -498,7 +512,7 @@ class ConstrainedLogitsProcessor:
         """Start over (from `prompt`); done by itself when `tokens` come back shorter, i.e. when
         the unbound processor is reused for the next generation."""
         self.seen = 0
-        self._start(self.bound or parser_after(self.prompt, self.tok))
+        self._start(self.bound if self.bound is not None else parser_after(self.prompt, self.tok))
 
     def _start(self, parser: StreamParser) -> None:
         self.parser = parser
@@ -529,15 +543,24 @@ class ConstrainedLogitsProcessor:
         return self.completed if self.matcher is None else self._only_end_left()
 
     def __call__(self, tokens: Sequence[int] | mx.array, logits: mx.array) -> mx.array:
+        mask = self.next_mask(tokens)
+        return logits if mask is None else masked(logits, mask)
+
+    def next_mask(self, tokens: Sequence[int] | mx.array = ()) -> mx.array | None:
+        """The next token's allowed-token mask (bool `[vocab]`), or None when it is free.
+
+        It depends only on the tokens so far, never on the logits: a batched engine can stack
+        the rows' masks into one `mx.where`, and a pipelined loop can compute it while the
+        model's forward pass for the last token runs."""
         if self.bound is None:
             self.advance(tokens)
         else:
             self._sync()
         if self.matcher is not None:
-            return self._json_mask(logits)
+            return self._json_mask()
         if not self.constraint.structured:
-            return logits
-        return mx.where(self._structure_mask()[: logits.shape[-1]], logits, -mx.inf)
+            return None
+        return self._structure_mask()
 
     # ----------------------------------------------------------------- following the stream
 
@@ -615,13 +638,13 @@ class ConstrainedLogitsProcessor:
 
     # ----------------------------------------------------------------- masks
 
-    def _json_mask(self, logits: mx.array) -> mx.array:
+    def _json_mask(self) -> mx.array:
         self.matcher.unsafe_compute_mask_ptr(self.words.ctypes.data, self.words.nbytes)
         if self.matcher.is_error():  # e.g. a parser resource limit: never sample from no mask
             raise SchemaError(f"the JSON Schema constraint failed: {self.matcher.get_error()}")
         if self.end_token != self.tok.return_:
             self._swap_end_token()
-        return apply_bitmask(logits, self.words)
+        return bitmask_to_mask(self.words)
 
     def _only_end_left(self) -> bool:
         """The JSON is complete and cannot go on (only the end token may follow)."""
@@ -720,28 +743,45 @@ class ConstrainedLogitsProcessor:
 # --------------------------------------------------------------------------- cost
 
 
-def constraint_cost(tokenizer: HarmonyTokenizer, schema: Any, document: str,
-                    repeats: int = 3) -> dict[str, float]:
-    """What the constraint adds to each decoded token, replaying `document` (valid for `schema`)
-    as a final answer: parser bookkeeping, llguidance's mask and the MLX masking, evaluated.
+def _summary(times: list[float]) -> dict[str, float]:
+    ms = np.array(times) * 1e3
+    return {"mean_ms": float(ms.mean()), "median_ms": float(np.median(ms)),
+            "p90_ms": float(np.percentile(ms, 90)), "max_ms": float(ms.max())}
 
-    Milliseconds per token over all repeats: mean, median, 90th percentile and max.
+
+def constraint_cost(tokenizer: HarmonyTokenizer, schema: Any, document: str, repeats: int = 3,
+                    reasoning: str = "The user wants the order; I will fill in the fields.",
+                    ) -> dict[str, Any]:
+    """What the constraint adds to each decoded token, replaying a whole structured turn as the
+    engine runs it (one parser, fed each token, the processor bound to it): the analysis
+    header, `reasoning`, `<|end|><|start|>assistant`, the final header, then `document` (valid
+    for `schema`) and `<|return|>`. The parser's own work is the loop's, not timed here.
+
+    Milliseconds per token over all repeats, for the answer (mean, median, p90, max; `tokens`:
+    its length with `<|return|>`) and per phase in `phases`: "header" (forced header tokens),
+    "analysis" (free text, the text mask) and "answer" (llguidance's mask and the MLX masking).
     """
+    tok = tokenizer
     constraint = JsonSchemaConstraint(tokenizer, schema)
-    answer = tokenizer.encode(document) + [tokenizer.return_]
-    header = [tokenizer.channel] + tokenizer.encode("final") + [tokenizer.message]
+    analysis, final = constraint.openings[:2]
+    turn = ([(t, "header") for t in analysis.header] + [(t, "analysis") for t in tok.encode(reasoning)]
+            + [(tok.end, "analysis")]
+            + [(t, "header") for t in (tok.start, *constraint.role, *final.header)]
+            + [(t, "answer") for t in tok.encode(document) + [tok.return_]])
     logits = mx.random.normal((VOCAB_SIZE,))
     mx.eval(logits)
-    times = []
+    times: dict[str, list[float]] = {"header": [], "analysis": [], "answer": []}
     for repeat in range(repeats + 1):  # the first replay warms up (compiles the masking)
+        parser = StreamParser(tok, Role.ASSISTANT)
         processor = constraint.processor()
-        generated = list(header)
-        for token in answer:
+        processor.bind(parser)
+        for token, phase in turn:
             start = time.perf_counter()
-            mx.eval(processor(generated, logits))
+            mx.eval(processor((), logits))
             if repeat:
-                times.append(time.perf_counter() - start)
-            generated.append(token)
-    ms = np.array(times) * 1e3
-    return {"tokens": len(answer), "mean_ms": float(ms.mean()), "median_ms": float(np.median(ms)),
-            "p90_ms": float(np.percentile(ms, 90)), "max_ms": float(ms.max())}
+                times[phase].append(time.perf_counter() - start)
+            parser.feed(token)
+    if not processor.json_complete:
+        raise SchemaError("the document does not complete the schema's JSON")
+    return {"tokens": len(tok.encode(document)) + 1, **_summary(times["answer"]),
+            "phases": {phase: {"tokens": len(t) // repeats, **_summary(t)} for phase, t in times.items()}}

@@ -100,6 +100,9 @@ class GenerationResult:
     stop: str
     stats: GenerationStats
     prompt_tokens: list[int] = field(repr=False, default_factory=list)
+    # False when max_tokens cut off what a constraint guarantees (the response format's JSON, a
+    # required call): then `text` is not the answer, and the CLI and server say so.
+    complete: bool = True
 
     @property
     def text(self) -> str:
@@ -231,7 +234,24 @@ class HarmonyRequest:
         else:
             stop = STOP_LENGTH
             events = list(self.parser.finish())
-        return events, GenerationResult(tokens, list(self.parser.messages), stop, stats, self.ids)
+        return events, GenerationResult(tokens, list(self.parser.messages), stop, stats, self.ids,
+                                        complete=answer_complete(self.processors, stop))
+
+
+def answer_complete(processors: Sequence[LogitsProcessor], stop: str) -> bool:
+    """Whether the constrained part of a generation is whole: only `max_tokens` can cut it,
+    inside a JSON message, or before an answer the constraint requires was written."""
+    if stop != STOP_LENGTH:
+        return True
+    for processor in processors:
+        done = getattr(processor, "json_complete", None)
+        constraint = getattr(processor, "constraint", None)
+        if done is False:
+            return False
+        if done is None and constraint is not None and (
+                constraint.answer is not None or constraint.tool_choice != "auto"):
+            return False
+    return True
 
 
 SAMPLING_KEYWORDS = ("temperature", "top_p", "top_k", "min_p", "seed")
@@ -250,6 +270,7 @@ def prepare_request(model: Model, tokenizer: HarmonyTokenizer, prompt: Prompt, *
                     logits_processors: Sequence[LogitsProcessor] = (),
                     render_config: RenderConversationConfig | None = None,
                     response_format: Any = None, constrain_tools: bool = True,
+                    tool_choice: Any = None, max_reasoning_tokens: int | None = None,
                     temperature: float | None = None, top_p: float | None = None,
                     top_k: int | None = None, min_p: float | None = None,
                     seed: int | None = None, **prompt_options) -> HarmonyRequest:
@@ -257,14 +278,16 @@ def prepare_request(model: Model, tokenizer: HarmonyTokenizer, prompt: Prompt, *
     work), bind the processors to a fresh parser. See `stream_generate` for the arguments."""
     if max_tokens < 1:
         raise GptOssError(f"max_tokens must be at least 1, got {max_tokens}")
-    functions = prompt_options.get("functions", ()) if constrain_tools else ()
+    tool_choice = "auto" if tool_choice is None else tool_choice
+    chosen = tool_choice != "auto"
+    functions = prompt_options.get("functions", ()) if constrain_tools or chosen else ()
     constraint = None
-    if response_format is not None or functions:
-        from .constrained import (
-            JsonSchemaConstraint,  # llguidance only when constraining
-        )
+    if response_format is not None or functions or chosen or max_reasoning_tokens is not None:
+        from .constrained import JsonSchemaConstraint  # noqa: I001 (llguidance only when used)
 
-        constraint = JsonSchemaConstraint.from_schema(tokenizer, response_format, tools=functions)
+        constraint = JsonSchemaConstraint.from_schema(
+            tokenizer, response_format, tools=functions, tool_choice=tool_choice,
+            max_reasoning_tokens=max_reasoning_tokens)
         if response_format is not None and isinstance(prompt, str):
             prompt_options["response_format"] = constraint.response_format
     ids = render_prompt(prompt, tokenizer, render_config, **prompt_options)
@@ -272,7 +295,7 @@ def prepare_request(model: Model, tokenizer: HarmonyTokenizer, prompt: Prompt, *
                             min_p=min_p, seed=seed)
     processors = list(logits_processors)
     if constraint is not None:
-        processors.append(constraint.processor(ids))
+        processors.append(constraint.processor(ids, max_tokens=max_tokens))
     parser = StreamParser(tokenizer, Role.ASSISTANT)
     for processor in processors:
         if hasattr(processor, "bind"):
@@ -291,6 +314,7 @@ def stream_generate(model: Model, tokenizer: HarmonyTokenizer, prompt: Prompt, *
                     prompt_cache: PromptCache | None = None,
                     render_config: RenderConversationConfig | None = None,
                     response_format: Any = None, constrain_tools: bool = True,
+                    tool_choice: Any = None, max_reasoning_tokens: int | None = None,
                     **prompt_options) -> Iterator[Event | GenerationResult]:
     """Yield harmony events as tokens are sampled, then one `GenerationResult`.
 
@@ -307,11 +331,19 @@ def stream_generate(model: Model, tokenizer: HarmonyTokenizer, prompt: Prompt, *
     that validates against it (`mlx_gptoss.constrained`); a text prompt also describes it in the
     developer message (for messages or ids, add `constrained.response_format_of(schema)` to your
     developer message). `constrain_tools`: arguments of calls to `functions` validate too.
+    `tool_choice`: "auto" (default), "none", "required" (some function of `functions` is
+    called), or a named function (`{"type": "function", "name": NAME}`), guaranteed by the
+    decoder. `max_reasoning_tokens`: the analysis is closed after that many tokens (and early
+    enough that a constrained answer still fits in `max_tokens`). With a response format the
+    decoder writes the whole message structure; `result.complete` is False if `max_tokens`
+    still cut the answer off.
     `prompt_cache` reuses (and keeps) the keys and values of a previous call's shared prefix.
     """
     request = prepare_request(model, tokenizer, prompt, max_tokens=max_tokens, sampling=sampling,
                               logits_processors=logits_processors, render_config=render_config,
                               response_format=response_format, constrain_tools=constrain_tools,
+                              tool_choice=tool_choice,
+                              max_reasoning_tokens=max_reasoning_tokens,
                               temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                               seed=seed, **prompt_options)
     stats = GenerationStats()

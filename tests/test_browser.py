@@ -276,17 +276,22 @@ def test_size_timeout_and_content_type_limits(server):
 # --------------------------------------------------------------------------- tool loop
 
 
+# A model that searches, opens the first result, and answers citing it.
+BROWSING_ROUNDS = [
+    '<|channel|>analysis to=browser.search <|constrain|>json<|message|>'
+    '{"query": "mlx", "topn": 3}<|call|>',
+    '<|channel|>analysis to=browser.open code<|message|>{"id": 1}<|call|>',
+    "<|channel|>final<|message|>MLX is lazy \u30101\u2020L8\u3011.<|return|>",
+]
+
+
 def test_scripted_model_searches_then_opens_through_the_router(server):
     from scripted import ScriptedModel, harmony
 
     from mlx_gptoss.generate import generate
     from mlx_gptoss.harmony import load_tokenizer
 
-    search = ('<|channel|>analysis to=browser.search <|constrain|>json<|message|>'
-              '{"query": "mlx", "topn": 3}<|call|>')
-    open_ = '<|channel|>analysis to=browser.open code<|message|>{"id": 1}<|call|>'
-    answer = "<|channel|>final<|message|>MLX is lazy \u30101\u2020L8\u3011.<|return|>"
-    model = ScriptedModel([harmony(search), harmony(open_), harmony(answer)])
+    model = ScriptedModel([harmony(r) for r in BROWSING_ROUNDS])
     tokenizer = load_tokenizer()
     with ToolRouter([browser(server)]) as router:
         system = SystemContent()
@@ -307,6 +312,28 @@ def test_scripted_model_searches_then_opens_through_the_router(server):
         assert "## browser\n\n// Tool for browsing." in tokenizer.decode(model.prefills[0])
         assert "[1] MLX & gpt-oss" in tokenizer.decode(model.prefills[-1])
         text, [citation] = router["browser"].cite(result.text)
+        assert text == f"MLX is lazy ([127.0.0.1]({server}/article?r=1))."
+
+
+def test_chat_runs_the_browser_loop_search_then_open(server):
+    """The same three rounds through `Chat` (the agent loop): the browser is declared in the
+    system message, both calls run in one turn, the answer cites the opened page."""
+    from scripted import ScriptedModel, harmony
+
+    from mlx_gptoss.chat import Chat
+    from mlx_gptoss.harmony import load_tokenizer
+    from mlx_gptoss.sampling import SamplingParams
+
+    model = ScriptedModel([harmony(r) for r in BROWSING_ROUNDS])
+    tokenizer = load_tokenizer()
+    with Chat(model, tokenizer, browser=browser(server),
+              sampling=SamplingParams(temperature=0)) as chat:
+        reply = chat.send("What is MLX?")
+        assert reply.stop == "return" and reply.text.startswith("MLX is lazy")
+        tools = [m.author.name for m in reply.messages if m.author.role is Role.TOOL]
+        assert tools == ["browser.search", "browser.open"]
+        assert "## browser\n\n// Tool for browsing." in tokenizer.decode(model.prefills[0])
+        text, _ = chat.browser.cite(reply.text)
         assert text == f"MLX is lazy ([127.0.0.1]({server}/article?r=1))."
 
 

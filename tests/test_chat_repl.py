@@ -13,8 +13,9 @@ from mlx_gptoss.cli import chat as chat_cli
 from mlx_gptoss.cli.chat import PASTE_END, PASTE_START, read_message, repl
 from mlx_gptoss.cli.generate import Display
 from mlx_gptoss.errors import GptOssError
-from mlx_gptoss.harmony import ChannelConfig, Role
+from mlx_gptoss.harmony import ChannelConfig, Role, ToolNamespaceConfig
 from mlx_gptoss.sampling import SamplingParams
+from mlx_gptoss.tools import Tool
 
 
 def lines(*items: str):
@@ -101,13 +102,17 @@ def test_a_tool_call_is_shown_once(chat_model, capsys, monkeypatch):
     assert err == "result for functions.get_weather> "  # the streamed call is not repeated
 
 
-class FakePython:
-    """Stands in for the python tool (no process): what `Chat` calls on it."""
+class FakePython(Tool):
+    """Stands in for the python tool (no process): declares the namespace, answers "ok"."""
 
+    name = "python"
     closed = False
 
-    def run(self, code: str) -> str:
-        return "ok"
+    def namespace_config(self) -> ToolNamespaceConfig:
+        return ToolNamespaceConfig.python()
+
+    def process(self, message):
+        return [self.reply(message, "ok")]
 
     def restart(self) -> None:
         pass

@@ -60,6 +60,7 @@ def test_generate_reads_stdin_and_streams_json(chat_checkpoint, expected, capsys
     assert final_text == expected.text
 
 
+@pytest.mark.slow
 def test_generate_as_a_real_subprocess(chat_checkpoint, expected):
     done = subprocess_cli("generate", "-m", chat_checkpoint, *GREEDY_FLAGS, "--hide-reasoning",
                           stdin="Hello")
@@ -72,6 +73,7 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_user_errors_are_one_line_exit_2(chat_checkpoint, tmp_path, capsys, monkeypatch):
     broken_config = tmp_path / "broken"
     broken_config.mkdir()

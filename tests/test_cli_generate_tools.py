@@ -75,6 +75,9 @@ def test_chat_asks_the_user_for_a_tool_result(chat_model, tools_file, monkeypatc
 def test_python_flag_runs_code_in_the_sandbox(chat_model, monkeypatch, capsys):
     use_script(monkeypatch, chat_model, PYTHON, ANSWER)
     code, out, err = cli(capsys, "generate", "-m", "x", "-p", "Compute", "--python")
+    assert code == 2 and "--python-auto" in err  # generate cannot ask before running code
+    code, out, err = cli(capsys, "generate", "-m", "x", "-p", "Compute", "--python",
+                         "--python-auto")
     assert code == 0 and out == "Sunny.\n"
     assert "[tool] python returned: 42" in err
 

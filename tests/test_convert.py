@@ -99,6 +99,7 @@ def test_expert_bytes_identical_to_hub_source(hub, converted):
             assert ours[p + ours_name + ".bias"].tobytes() == bias.tobytes()
 
 
+@pytest.mark.slow
 def test_original_layout(checkpoint_factory, layout_factory, tmp_path):
     src = layout_factory("original", "convert_hub", seed=11)
     hub = checkpoint_factory("convert_hub", seed=11)

@@ -83,6 +83,7 @@ def test_a_long_prompt_prefills_in_chunks_while_others_keep_decoding(chat_model,
     assert running.tokens == alone(model, prompts[0], max_tokens=40)
 
 
+@pytest.mark.slow
 def test_constrained_and_unconstrained_rows_in_one_batch(chat_model):
     model, tok = chat_model
     schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0,
@@ -154,6 +155,7 @@ def test_the_pool_reuses_the_longest_cached_prefix_exactly(chat_model):
     assert tiny.stats()["entries"] == 0
 
 
+@pytest.mark.slow
 def test_streams_from_many_threads_are_batched_and_each_exact(chat_model):
     model, tok = chat_model
     texts = ["Hi", "Name a colour.", "Count to three."]
@@ -226,3 +228,30 @@ def test_a_failing_batch_fails_its_streams_and_the_engine_serves_on(chat_model, 
             list(engine.stream_generate("Hi", max_tokens=5, temperature=0))
         after = list(engine.stream_generate("Hi", max_tokens=5, temperature=0))
     assert after[-1].tokens == generate(model, tok, "Hi", max_tokens=5, temperature=0).tokens
+
+
+def test_guarantees_hold_in_the_engine_threads(chat_model):
+    """`tool_choice="required"` and a response format through `Engine.stream_generate` (the
+    constraint is built in the caller's thread and runs in the engine's): a random-weight model
+    still calls a declared function with valid arguments, or answers with valid JSON."""
+    from mlx_gptoss.harmony import ToolDescription
+
+    model, tok = chat_model
+    weather = ToolDescription("get_weather", "Weather for a city.",
+                              {"type": "object", "properties": {"city": {"type": "string",
+                                                                         "maxLength": 12}},
+                               "required": ["city"], "additionalProperties": False})
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    with Engine(model, tok, max_batch=2) as engine:
+        call = list(engine.stream_generate("Weather in Paris?", functions=[weather],
+                                           tool_choice="required", max_tokens=120, seed=3))[-1]
+        answer = list(engine.stream_generate("Is it ok?", response_format=schema,
+                                             max_tokens=120, seed=3))[-1]
+    assert call.stop == "call" and call.complete
+    assert call.tool_calls[-1].recipient == "functions.get_weather"
+    jsonschema.validate(json.loads(call.tool_calls[-1].text()), weather.parameters)
+    assert answer.stop == "return" and answer.complete
+    jsonschema.validate(json.loads(answer.text), schema)
+    short = generate(model, tok, "Is it ok?", response_format=schema, max_tokens=3, seed=3)
+    assert short.stop == "length" and not short.complete  # cut off: said, not hidden

@@ -19,16 +19,19 @@ def run_example(name: str, *args, timeout: int = 180) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 def test_generate_example(chat_checkpoint):
     out = run_example("generate.py", chat_checkpoint, "Hello")
     assert "stop: " in out and "tok/s" in out
 
 
+@pytest.mark.slow
 def test_chat_with_tools_example(chat_checkpoint):
     out = run_example("chat_with_tools.py", chat_checkpoint)
     assert out.count("> ") >= 2 and "tok/s" in out
 
 
+@pytest.mark.slow
 def test_structured_output_example(chat_checkpoint):
     pytest.importorskip("llguidance", reason="structured output needs llguidance (issue 7)")
     out = run_example("structured_output.py", chat_checkpoint)
@@ -37,12 +40,14 @@ def test_structured_output_example(chat_checkpoint):
         assert set(json.loads(out)) == {"city", "country", "population_millions"}
 
 
+@pytest.mark.slow
 def test_convert_example(checkpoint_factory, tmp_path):
     source = checkpoint_factory("example_source", seed=9, vocab_size=201088, num_hidden_layers=2)
     out = run_example("convert.py", source, tmp_path / "converted")
     assert (tmp_path / "converted" / "config.json").is_file() and "tok/s" in out
 
 
+@pytest.mark.slow
 def test_notebook_executes(chat_checkpoint, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     from nbclient import NotebookClient

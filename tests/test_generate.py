@@ -32,6 +32,7 @@ def run(model, prompt, steps, cache=None, processors=(), stop=(), sampler=None):
                                 logits_processors=processors))
 
 
+@pytest.mark.slow
 def test_greedy_tokens_match_transformers(chat_model, chat_checkpoint):
     model, _ = chat_model
     prompt = ids(12, 0)

@@ -23,6 +23,7 @@ CONV = {"messages": [{"role": "user", "content": "hi <|start|>"}]}
 # --------------------------------------------------------------------------- item 6
 
 
+@pytest.mark.slow
 def test_harmony_commands_read_stdin(vocab_file, oracle, capsys, monkeypatch):  # noqa: F811
     code, out, err = cli(capsys, "harmony", "render", "-", "--vocab", vocab_file,
                          stdin=json.dumps(CONV), monkeypatch=monkeypatch)

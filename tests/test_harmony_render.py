@@ -310,6 +310,7 @@ def test_unknown_next_role(tok):
 # --------------------------------------------------------------------------- property-based corpus
 
 
+@pytest.mark.slow
 @HYPOTHESIS
 @given(conv=conversation())
 def test_random_conversations_render_like_the_oracle(conv, tok, oracle):

@@ -19,9 +19,36 @@ import typer
 from ..env import user_cache_dir
 from ..errors import GptOssError
 from . import interrupts
-from .generate import (DEVELOPER, DTYPE, EFFORT, EFFORTS, JSON_SCHEMA, MAX_TOKENS, MAX_TOOL_ROUNDS,
-                       MIN_P, PYTHON, SEED, SHOW_REASONING, STATS, SYSTEM, TEMPERATURE, TOOLS,
-                       TOP_K, TOP_P, VERBOSE, Display, load_chat, model_option, run_turn)
+from .generate import (
+    BROWSER,
+    BROWSER_ALLOW_PRIVATE,
+    BROWSER_SEARCH,
+    DEVELOPER,
+    DTYPE,
+    EFFORT,
+    EFFORTS,
+    JSON_SCHEMA,
+    MAX_REASONING_TOKENS,
+    MAX_TOKENS,
+    MAX_TOOL_ROUNDS,
+    MIN_P,
+    PYTHON,
+    PYTHON_AUTO,
+    PYTHON_UNSAFE,
+    SEED,
+    SHOW_REASONING,
+    STATS,
+    SYSTEM,
+    TEMPERATURE,
+    TOOLS,
+    TOP_K,
+    TOP_P,
+    VERBOSE,
+    Display,
+    load_chat,
+    model_option,
+    run_turn,
+)
 
 HELP = """commands:
   /effort [low|medium|high] reasoning effort (alone: show it)
@@ -52,6 +79,15 @@ def ask(prompt: str) -> str:
         sys.stderr.write(prompt)
         sys.stderr.flush()
         return input()
+
+
+def _ask_to_run(code: str) -> bool:
+    """Before each python run (unless --python-auto): show the code, run it only on "y"."""
+    print(f"[python] the model wants to run:\n{code}", file=sys.stderr)
+    try:
+        return ask("run it? [y/N] ").strip().lower() in ("y", "yes")
+    except EOFError:
+        return False
 
 
 def _ask_tool_result(call) -> str:
@@ -246,8 +282,14 @@ def chat(
     seed: Optional[int] = SEED,
     tools: Optional[Path] = TOOLS,
     python: bool = PYTHON,
+    python_auto: bool = PYTHON_AUTO,
+    python_unsafe: bool = PYTHON_UNSAFE,
+    browser: bool = BROWSER,
+    browser_search: Optional[str] = BROWSER_SEARCH,
+    browser_allow_private: bool = BROWSER_ALLOW_PRIVATE,
     max_tool_rounds: int = MAX_TOOL_ROUNDS,
     json_schema: Optional[Path] = JSON_SCHEMA,
+    max_reasoning_tokens: Optional[int] = MAX_REASONING_TOKENS,
     dtype: Optional[str] = DTYPE,
     load_file: Optional[Path] = typer.Option(None, "--load", help="Start from a saved chat."),
     stats: Optional[bool] = STATS,
@@ -258,11 +300,15 @@ def chat(
                         tools=tools, python=python, temperature=temperature, top_p=top_p,
                         top_k=top_k, min_p=min_p, seed=seed, max_tokens=max_tokens,
                         max_tool_rounds=max_tool_rounds, on_tool_call=_ask_tool_result,
-                        json_schema=json_schema)
+                        json_schema=json_schema, python_unsafe=python_unsafe,
+                        confirm_code=None if python_auto else _ask_to_run,
+                        browser=browser, browser_search=browser_search,
+                        browser_allow_private=browser_allow_private,
+                        max_reasoning_tokens=max_reasoning_tokens)
     if load_file is not None:
         session.load(load_file)
     display = Display(session.tokenizer, show_reasoning=show_reasoning, verbose=verbose,
-                      stats=stats)
+                      stats=stats, hold_answer=json_schema is not None)
     try:
         repl(session, display)
     finally:

@@ -36,7 +36,10 @@ def load_chat(model: str, dtype: Optional[str], *, effort: str, system: Optional
               developer: Optional[str], tools: Optional[Path], python: bool,
               temperature: Optional[float], top_p: Optional[float], top_k: Optional[int],
               min_p: Optional[float], seed: Optional[int], max_tokens: int,
-              max_tool_rounds: int, on_tool_call=None, json_schema: Optional[Path] = None):
+              max_tool_rounds: int, on_tool_call=None, json_schema: Optional[Path] = None,
+              python_unsafe: bool = False, confirm_code=None, browser: bool = False,
+              browser_search: Optional[str] = None, browser_allow_private: bool = False,
+              max_reasoning_tokens: Optional[int] = None):
     """Everything both commands need: loaded model, tools, sampling, a `Chat`.
 
     Every option is checked, and every file read, before the model loads (which can take
@@ -55,6 +58,9 @@ def load_chat(model: str, dtype: Optional[str], *, effort: str, system: Optional
         resolve_dtype(dtype)
     functions = load_tools_file(tools) if tools is not None else []
     response_format = load_json_schema(json_schema) if json_schema is not None else None
+    python_tool, browser_tool = builtin_tools(
+        python=python, python_unsafe=python_unsafe, confirm_code=confirm_code, browser=browser,
+        browser_search=browser_search, browser_allow_private=browser_allow_private)
     net, tokenizer = load(model, dtype)
     context = getattr(net.config, "max_position_embeddings", None)
     if context is not None and max_tokens > context:
@@ -62,9 +68,27 @@ def load_chat(model: str, dtype: Optional[str], *, effort: str, system: Optional
                           f"({context} tokens)")
     sampling = net.sampling_defaults.with_overrides(**overrides)
     return Chat(net, tokenizer, instructions=developer, system=system, reasoning_effort=effort,
-                tools=functions, python=python, on_tool_call=on_tool_call,
+                tools=functions, python=python_tool or False, browser=browser_tool or False,
+                on_tool_call=on_tool_call, max_reasoning_tokens=max_reasoning_tokens,
                 max_tool_rounds=max_tool_rounds, max_tokens=max_tokens, sampling=sampling,
                 response_format=response_format)
+
+
+def builtin_tools(*, python: bool, python_unsafe: bool, confirm_code, browser: bool,
+                  browser_search: Optional[str], browser_allow_private: bool):
+    """The python and browser tools the flags ask for (None where off), built before the model
+    loads so a missing sandbox or a bad search provider is the first thing the user sees."""
+    from ..tools import BrowserTool, PythonTool
+
+    if python_unsafe and not python:
+        raise GptOssError("--python-unsafe-no-sandbox needs --python")
+    if (browser_search is not None or browser_allow_private) and not browser:
+        raise GptOssError("--browser-search and --browser-allow-private need --browser")
+    python_tool = (PythonTool(unsafe_no_sandbox=python_unsafe, confirm=confirm_code)
+                   if python else None)
+    browser_tool = (BrowserTool(search=browser_search, allow_private=browser_allow_private)
+                    if browser else None)
+    return python_tool, browser_tool
 
 
 def check_effort(effort: str) -> None:
@@ -118,6 +142,10 @@ BROWSER_ALLOW_PRIVATE = typer.Option(False, "--browser-allow-private", help=(
     "Let the browser open private, loopback and link-local addresses (blocked by default)."))
 MAX_TOOL_ROUNDS = typer.Option(DEFAULT_TOOL_ROUNDS, "--max-tool-rounds", min=0, metavar="<int>",
                                help="Tool calls per turn.")
+MAX_REASONING_TOKENS = typer.Option(
+    None, "--max-reasoning-tokens", min=0, metavar="<int>",
+    help="Close the reasoning after this many tokens and answer (with --json-schema, early "
+         "enough that the answer fits in --max-tokens).")
 JSON_SCHEMA = typer.Option(None, "--json-schema",
                            help="JSON Schema file: every answer is JSON that validates against it.")
 DTYPE = typer.Option(None, "--dtype",
@@ -136,11 +164,13 @@ class Display:
     """Streams a chat's events: the answer to `out`, the rest to `err` (dimmed on a TTY).
 
     `verbose` prints each prompt; `stats` (default: when `err` is a terminal) each
-    generation's speed and memory, so a script's stderr stays quiet unless asked."""
+    generation's speed and memory, so a script's stderr stays quiet unless asked.
+    `hold_answer` (with a JSON schema) prints the answer only once it is whole: a program
+    reading stdout never gets JSON that max_tokens cut off."""
 
     def __init__(self, tokenizer, *, show_reasoning: bool = True, as_json: bool = False,
                  verbose: bool = False, stats: bool | None = None, out: TextIO | None = None,
-                 err: TextIO | None = None):
+                 err: TextIO | None = None, hold_answer: bool = False):
         self.tok = tokenizer
         self.show_reasoning = show_reasoning
         self.as_json = as_json
@@ -152,6 +182,8 @@ class Display:
         self.channel: str | None = None
         self.recipient: str | None = None
         self.answer_open = False
+        self.hold_answer = hold_answer
+        self.held: list[str] = []
 
     def _err(self, text: str, dim: bool = False) -> None:
         if dim and self.dim:
@@ -189,9 +221,12 @@ class Display:
             if self.recipient:
                 self._err(event.text)
             elif self.channel == FINAL:
-                self.out.write(event.text)
-                self.out.flush()
-                self.answer_open = True
+                if self.hold_answer:
+                    self.held.append(event.text)
+                else:
+                    self.out.write(event.text)
+                    self.out.flush()
+                    self.answer_open = True
             elif self.channel == ANALYSIS:
                 if self.show_reasoning:
                     self._err(event.text, dim=True)
@@ -208,11 +243,18 @@ class Display:
             if self.stats:
                 self._err(event.stats.summary() + "\n")
         elif isinstance(event, Reply):
+            held, self.held = "".join(self.held), []
+            if held and event.complete:
+                self.out.write(held)
+                self.answer_open = True
             if self.answer_open:
                 self.out.write("\n")
                 self.out.flush()
                 self.answer_open = False
-            if event.stop == STOP_LENGTH:
+            if not event.complete:
+                self._err("[stopped: --max-tokens ended the answer before its JSON was "
+                          "complete; nothing was printed]\n")
+            elif event.stop == STOP_LENGTH:
                 self._err("[stopped: --max-tokens reached]\n")
             elif event.stop == STOP_TOOL_ROUNDS:
                 self._err("[stopped: too many tool rounds]\n")
@@ -324,8 +366,14 @@ def generate(
     seed: Optional[int] = SEED,
     tools: Optional[Path] = TOOLS,
     python: bool = PYTHON,
+    python_auto: bool = PYTHON_AUTO,
+    python_unsafe: bool = PYTHON_UNSAFE,
+    browser: bool = BROWSER,
+    browser_search: Optional[str] = BROWSER_SEARCH,
+    browser_allow_private: bool = BROWSER_ALLOW_PRIVATE,
     max_tool_rounds: int = MAX_TOOL_ROUNDS,
     json_schema: Optional[Path] = JSON_SCHEMA,
+    max_reasoning_tokens: Optional[int] = MAX_REASONING_TOKENS,
     dtype: Optional[str] = DTYPE,
     as_json: bool = typer.Option(False, "--json", help="One JSON event per line on stdout."),
     stats: Optional[bool] = STATS,
@@ -341,6 +389,9 @@ def generate(
     first such call and prints it (`--json`: a tool_call event). A script answers it by
     appending the tool's message to the --conversation file and running generate again.
     """
+    if python and not python_auto:
+        raise GptOssError("generate cannot ask before running the model's code: pass "
+                          "--python-auto with --python (chat asks before each run)")
     history = read_conversation(conversation)
     resume = ends_with_tool_result(history)
     if resume and prompt is not None:
@@ -351,11 +402,15 @@ def generate(
     try:
         chat = load_chat(model, dtype, effort=reasoning_effort, system=system,
                          developer=developer, tools=tools, python=python,
+                         python_unsafe=python_unsafe, browser=browser,
+                         browser_search=browser_search,
+                         browser_allow_private=browser_allow_private,
+                         max_reasoning_tokens=max_reasoning_tokens,
                          temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                          seed=seed, max_tokens=max_tokens, max_tool_rounds=max_tool_rounds,
                          json_schema=json_schema)
         display = Display(chat.tokenizer, show_reasoning=show_reasoning, as_json=as_json,
-                          verbose=verbose, stats=stats)
+                          verbose=verbose, stats=stats, hold_answer=json_schema is not None)
         if history is not None:
             tool_result = continue_conversation(chat, history)
             text = tool_result if tool_result is not None else text
@@ -371,6 +426,8 @@ def generate(
     if reply.stop == STOP_CALL and not as_json:
         call = reply.messages[-1]
         print(json.dumps({"tool_call": {"recipient": call.recipient, "arguments": call.text()}}))
+    if not reply.complete:  # the answer a script waits for is not there: say so by the code
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:
