@@ -85,15 +85,17 @@ def _download(repo_id: str, progress: bool) -> Path:
 
 
 def load(model: str | os.PathLike, dtype: str | mx.Dtype | None = None, *,
-         progress: bool = True) -> tuple[Model, Any]:
+         adapter: str | os.PathLike | None = None, progress: bool = True
+         ) -> tuple[Model, Any]:
     """`(model, tokenizer)` for a model directory or hub repo id.
 
     The model's `sampling_defaults` come from its generation_config.json; generation uses them
     unless told otherwise. `dtype` is the compute dtype of the unquantized weights (default:
-    the checkpoint's bf16; float32 is much faster on CPU).
+    the checkpoint's bf16; float32 is much faster on CPU). `adapter`: a LoRA adapter directory
+    (PEFT's `adapter_config.json` + `adapter_model.safetensors`), applied unfused.
     """
     path = resolve_model(model, progress=progress)
-    net, tokenizer = load_dir(path, dtype)
+    net, tokenizer = load_dir(path, dtype, adapter)
     net.sampling_defaults = SamplingParams.from_model_dir(path)
     net.model_dir = path
     return net, tokenizer

@@ -29,9 +29,9 @@ def _register() -> None:
     app.add_typer(harmony.app, name="harmony")
     # Top-level commands: each module defines `register(app: typer.Typer) -> None`.
     # (convert/verify, generate, chat and bench add themselves to this list.)
-    from . import bench, chat, convert, demo, generate
+    from . import bench, chat, convert, demo, fuse, generate, lora
 
-    for module in (demo, convert, generate, chat, bench):
+    for module in (demo, convert, generate, chat, bench, lora, fuse):
         module.register(app)
 
 

@@ -31,7 +31,8 @@ def load_chat(model: str, dtype: Optional[str], *, effort: str, system: Optional
               developer: Optional[str], tools: Optional[Path], python: bool,
               temperature: Optional[float], top_p: Optional[float], top_k: Optional[int],
               min_p: Optional[float], seed: Optional[int], max_tokens: int,
-              max_tool_rounds: int, on_tool_call=None, json_schema: Optional[Path] = None):
+              max_tool_rounds: int, on_tool_call=None, json_schema: Optional[Path] = None,
+              adapter: Optional[Path] = None):
     """Everything both commands need: loaded model, tools, sampling, a `Chat`."""
     from ..chat import Chat
     from ..constrained import load_json_schema
@@ -42,7 +43,7 @@ def load_chat(model: str, dtype: Optional[str], *, effort: str, system: Optional
         raise GptOssError(f"--reasoning-effort must be one of {', '.join(EFFORTS)}, got {effort!r}")
     functions = load_tools_file(tools) if tools is not None else []
     response_format = load_json_schema(json_schema) if json_schema is not None else None
-    net, tokenizer = load(model, dtype)
+    net, tokenizer = load(model, dtype, adapter=adapter)
     sampling = net.sampling_defaults.with_overrides(temperature=temperature, top_p=top_p,
                                                     top_k=top_k, min_p=min_p, seed=seed)
     return Chat(net, tokenizer, instructions=developer, system=system, reasoning_effort=effort,
@@ -72,6 +73,8 @@ PYTHON = typer.Option(False, "--python", help=(
 MAX_TOOL_ROUNDS = typer.Option(8, "--max-tool-rounds", help="Tool calls per turn.")
 JSON_SCHEMA = typer.Option(None, "--json-schema",
                            help="JSON Schema file: every answer is JSON that validates against it.")
+ADAPTER = typer.Option(None, "--adapter", "--adapter-path",
+                       help="LoRA adapter directory (PEFT format, e.g. from `mlx-gptoss lora`).")
 DTYPE = typer.Option(None, "--dtype",
                      help="Compute dtype (bfloat16, float32...). Default: float32 activations "
                           "on the CPU backend, bfloat16 on a GPU.")
@@ -232,6 +235,7 @@ def generate(
     max_tool_rounds: int = MAX_TOOL_ROUNDS,
     json_schema: Optional[Path] = JSON_SCHEMA,
     dtype: Optional[str] = DTYPE,
+    adapter: Optional[Path] = ADAPTER,
     as_json: bool = typer.Option(False, "--json", help="One JSON event per line on stdout."),
     verbose: bool = typer.Option(False, "--verbose", "-v",
                                  help="Print the rendered prompt and the stats to stderr."),
@@ -245,7 +249,7 @@ def generate(
     chat = load_chat(model, dtype, effort=reasoning_effort, system=system, developer=developer,
                      tools=tools, python=python, temperature=temperature, top_p=top_p,
                      top_k=top_k, min_p=min_p, seed=seed, max_tokens=max_tokens,
-                     max_tool_rounds=max_tool_rounds, json_schema=json_schema)
+                     max_tool_rounds=max_tool_rounds, json_schema=json_schema, adapter=adapter)
     display = Display(chat.tokenizer, show_reasoning=show_reasoning, as_json=as_json,
                       verbose=verbose)
     try:
