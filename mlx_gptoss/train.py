@@ -247,7 +247,7 @@ def train(model: Model, train_set: Sequence[Example], adapter_path: str | Path,
         log(f"Resuming from {where} at iteration {start}")
     model.train()
     losses: list[float] = []
-    window_loss, window_tokens, trained_tokens = 0.0, 0, 0
+    window_loss, window_tokens, window_steps, trained_tokens = 0.0, 0, 0, 0
     tic = time.perf_counter()
     mx.reset_peak_memory()
     for step in range(start, config.iters):
@@ -265,17 +265,18 @@ def train(model: Model, train_set: Sequence[Example], adapter_path: str | Path,
         losses.append(value)
         window_loss += value * tokens
         window_tokens += tokens
+        window_steps += 1
         trained_tokens += tokens
         it = step + 1
         if it % config.steps_per_report == 0 or it == config.iters:
             elapsed = time.perf_counter() - tic
-            steps = it - start if not losses[:-1] else min(config.steps_per_report, it - start)
             log(f"Iter {it}: Train loss {window_loss / max(window_tokens, 1):.3f}, "
                 f"Learning Rate {optimizer.learning_rate.item():.3e}, "
-                f"It/sec {steps / elapsed:.3f}, Tokens/sec {window_tokens / elapsed:.3f}, "
+                f"It/sec {window_steps / elapsed:.3f}, Tokens/sec {window_tokens / elapsed:.3f}, "
                 f"Trained Tokens {trained_tokens}, "
                 f"Peak mem {mx.get_peak_memory() / 1e9:.3f} GB")
-            window_loss, window_tokens, tic = 0.0, 0, time.perf_counter()
+            window_loss, window_tokens, window_steps = 0.0, 0, 0
+            tic = time.perf_counter()
         if val_set and (it % config.steps_per_eval == 0 or it == config.iters):
             t0 = time.perf_counter()
             val = evaluate(model, val_set, config.batch_size, config.val_batches,
