@@ -240,11 +240,15 @@ def _peft_module(layer: int, target: str) -> str:
     return f"{PEFT_PREFIX}model.layers.{layer}.mlp.experts"
 
 
-def _expert_nesting(targets: list[str]) -> dict[str, str]:
-    """PEFT nests one wrapper per targeted parameter of a module: the first in
-    `target_parameters` ends up innermost (`experts.base_layer.lora_A`), the last outermost."""
-    n = len(targets)
-    return {t: "base_layer." * (n - 1 - k) for k, t in enumerate(targets)}
+def _expert_nesting(targets: Iterable[str]) -> dict[str, str]:
+    """The key infix of each adapted expert parameter of one layer.
+
+    PEFT (0.21) wraps one `ParamWrapper` per targeted parameter of a module, in the module's
+    parameter order whatever the order of `target_parameters`: with both adapted, gate_up is
+    the inner wrapper (`experts.base_layer.lora_A`) and down the outer (`experts.lora_A`).
+    """
+    chosen = [t for t in EXPERTS if t in targets]
+    return {t: "base_layer." * (len(chosen) - 1 - k) for k, t in enumerate(chosen)}
 
 
 def to_peft(target: str, a: mx.array, b: mx.array) -> tuple[mx.array, mx.array]:
@@ -277,7 +281,6 @@ def peft_config(config: LoraConfig, num_layers: int, base_model: str | None) -> 
     every_layer = config.layers is None or sorted(config.layers) == list(range(num_layers))
     modules = [t for t in config.targets if t in ATTENTION]
     params = [t for t in config.targets if t not in ATTENTION]
-    # Expert parameters first, in a fixed order, so the nesting of their keys is known.
     params.sort(key=lambda t: ("gate_up_proj", "down_proj", "router").index(t))
     if every_layer:
         target_modules = modules or None
@@ -303,15 +306,17 @@ def peft_config(config: LoraConfig, num_layers: int, base_model: str | None) -> 
 
 def peft_keys(model: Model) -> dict[str, tuple[str, str, str]]:
     """Each adapted module's path -> (PEFT lora_A key, lora_B key, target)."""
-    config: LoraConfig = model.lora_config
-    nesting = _expert_nesting([t for t in EXPERTS if t in config.targets])
     targets_by_path = {path: t for t, path in _OUR_PATH.items()}
-    out = {}
+    adapted: dict[int, dict[str, str]] = {}
     for path, _ in lora_modules(model):
         _, _, layer, rest = path.split(".", 3)
-        target = targets_by_path[rest]
-        prefix = _peft_module(int(layer), target) + "." + nesting.get(target, "")
-        out[path] = (prefix + "lora_A.weight", prefix + "lora_B.weight", target)
+        adapted.setdefault(int(layer), {})[targets_by_path[rest]] = path
+    out = {}
+    for layer, targets in sorted(adapted.items()):
+        nesting = _expert_nesting(targets)
+        for target, path in targets.items():
+            prefix = _peft_module(layer, target) + "." + nesting.get(target, "")
+            out[path] = (prefix + "lora_A.weight", prefix + "lora_B.weight", target)
     return out
 
 
@@ -408,15 +413,25 @@ def _pattern_value(patterns: dict, key: str, default):
     return default
 
 
-def _classify_experts(raw: dict) -> dict[str, str]:
-    """Which nesting prefix holds gate_up and which down, from target_parameters' order."""
-    order = []
-    for entry in raw.get("target_parameters") or []:
-        for t in ("gate_up_proj", "down_proj"):
-            if entry.endswith(f"experts.{t}") and t not in order:
-                order.append(t)
-    nesting = _expert_nesting(order)
-    return {prefix: t for t, prefix in nesting.items()}
+def _classify_experts(model: Model, raw: dict, entries: dict[str, dict[str, mx.array]]
+                      ) -> dict[str, str]:
+    """Nesting infix -> expert target, for one layer's expert factors.
+
+    The shapes decide: gate_up's factors are A `[r·E, hidden]`, B `[2·intermediate, r·E]`,
+    down's A `[r·E, intermediate]`, B `[hidden, r·E]`, never both alike. Factors that fit
+    neither (an adapter for another model) are named by their nesting (`_expert_nesting`) so
+    that the shape check reports them.
+    """
+    cfg = model.config
+    shapes = {(cfg.hidden_size, 2 * cfg.intermediate_size): "gate_up_proj",
+              (cfg.intermediate_size, cfg.hidden_size): "down_proj"}
+    by_depth = sorted(entries, key=len, reverse=True)  # the innermost wrapper first
+    names = {}
+    for k, nest in enumerate(by_depth):
+        a, b = entries[nest].get("A"), entries[nest].get("B")
+        shape = (a.shape[-1] if a is not None else None, b.shape[0] if b is not None else None)
+        names[nest] = shapes.get(shape) or EXPERTS[min(k, 1) if len(by_depth) > 1 else 0]
+    return names
 
 
 def load_adapter(model: Model, path: str | Path) -> Model:
@@ -426,8 +441,8 @@ def load_adapter(model: Model, path: str | Path) -> Model:
         raise AdapterError(f"{path}: adapter directory not found")
     raw = _read_config(path)
     tensors = read_adapter_tensors(path)
-    expert_prefix = _classify_experts(raw)
     pairs: dict[tuple[int, str], dict[str, mx.array]] = {}
+    experts: dict[int, dict[str, dict[str, mx.array]]] = {}
     for key, value in tensors.items():
         m = _KEY.match(key)
         if m is None:
@@ -439,11 +454,13 @@ def load_adapter(model: Model, path: str | Path) -> Model:
         elif module == "mlp.router":
             target = "router"
         else:
-            target = expert_prefix.get(nest)
-            if target is None:
-                raise AdapterError(f"{path / ADAPTER_WEIGHTS}: {key} does not match the "
-                                   "expert parameters in target_parameters")
+            experts.setdefault(layer, {}).setdefault(nest, {})[which] = value
+            continue
         pairs.setdefault((layer, target), {})[which] = value
+    for layer, entries in experts.items():
+        names = _classify_experts(model, raw, entries)
+        for nest, factors in entries.items():
+            pairs[(layer, names[nest])] = factors
     if not pairs:
         raise AdapterError(f"{path / ADAPTER_WEIGHTS}: no LoRA tensors")
     n = len(model.layers)

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from test_cli_generate import cli
 
-from mlx_gptoss.cli import main
 from mlx_gptoss.fuse import FuseError, fuse
 from mlx_gptoss.hub import load
 from mlx_gptoss.lora import LoraConfig, apply_lora, lora_modules, save_adapter
@@ -17,16 +16,6 @@ from mlx_gptoss.lora import LoraConfig, apply_lora, lora_modules, save_adapter
 ROWS = [{"messages": [{"role": "user", "content": f"Say {w}."},
                       {"role": "assistant", "thinking": f"Say {w}.", "content": w}]}
         for w in ("yes", "no", "maybe")]
-
-
-def cli(capsys, *args):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

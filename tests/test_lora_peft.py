@@ -186,3 +186,26 @@ def test_adapter_for_another_model_is_one_clear_error(lora_checkpoint, checkpoin
         load_adapter(ours(lora_checkpoint), tmp_path)
     with pytest.raises(AdapterError, match="not an adapter directory"):
         load_adapter(ours(lora_checkpoint), lora_checkpoint)
+
+
+def test_peft_expert_nesting_whatever_the_config_order(lora_checkpoint, tmp_path):
+    """PEFT nests expert wrappers in the module's parameter order, per layer: reversed
+    `target_parameters`, and a layer with one expert parameter only, still load right."""
+    from peft import LoraConfig as PeftConfig, get_peft_model
+
+    torch.manual_seed(1)
+    reference = get_peft_model(torch_base(lora_checkpoint), PeftConfig(
+        r=2, lora_alpha=3, target_modules=["o_proj"], init_lora_weights=False,
+        target_parameters=["mlp.experts.down_proj", "0.mlp.experts.gate_up_proj"]))
+    reference.save_pretrained(tmp_path)
+    ids = tokens(5)
+    with torch.no_grad():
+        want = reference(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    model = load_adapter(ours(lora_checkpoint), tmp_path)
+    adapted = sorted(path for path, _ in lora_modules(model) if "experts" in path)
+    assert adapted == ["model.layers.0.mlp.experts.down", "model.layers.0.mlp.experts.gate_up",
+                       "model.layers.1.mlp.experts.down"]
+    np.testing.assert_allclose(np.array(model(mx.array(ids))), want, rtol=1e-4, atol=1e-4)
+    # ... and our own save writes the same keys.
+    assert set(adapter_tensors(model)) == {
+        n.replace(".default", "") for n, _ in reference.named_parameters() if "lora_" in n}
