@@ -29,7 +29,7 @@ from mlx.utils import tree_flatten
 
 from .errors import CheckpointError, GptOssError
 from .model import Model, MXFP4SwitchLinear
-from .mxfp4 import deinterleave_rows, interleave_rows
+from .mxfp4 import BITS, deinterleave_rows, interleave_rows
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -109,6 +109,12 @@ def _linear_dims(base: nn.Module) -> tuple[int, int]:
     return packed, out
 
 
+def _switch_dims(base: MXFP4SwitchLinear) -> tuple[int, int, int]:
+    """(experts, input, output) features of packed MXFP4 experts (uint32 words of 8 values)."""
+    experts, out_dims, words = base.weight.shape
+    return experts, words * 32 // BITS, out_dims
+
+
 class LoRALinear(nn.Module):
     """A frozen linear layer plus `scale · B A`; A `[r, in]`, B `[out, r]` as in PEFT."""
 
@@ -143,8 +149,7 @@ class LoRASwitchLinear(nn.Module):
     def __init__(self, base: MXFP4SwitchLinear, rank: int, scale: float):
         super().__init__()
         self.base = base
-        experts, out_dims, packed = base.weight.shape
-        in_dims = packed * 32 // 4
+        experts, in_dims, out_dims = _switch_dims(base)
         bound = 1.0 / math.sqrt(in_dims)
         self.lora_a = mx.random.uniform(-bound, bound, (experts, rank, in_dims))
         self.lora_b = mx.zeros((experts, out_dims, rank))
@@ -480,39 +485,41 @@ def load_adapter(model: Model, path: str | Path) -> Model:
 
 def _apply_pairs(model: Model, path: Path, raw: dict, config: LoraConfig,
                  pairs: dict[tuple[int, str], dict[str, mx.array]]) -> None:
+    """Check every pair against the model first, then wrap: a bad adapter changes nothing."""
     if lora_modules(model):
         raise GptOssError("the model already has LoRA adapters; remove_lora first")
-    model.freeze()
     num_experts = model.config.num_local_experts
+    wrapped = []
     for (layer, target), factors in sorted(pairs.items()):
         where = f"{path}: layer {layer} {target}"
         if set(factors) != {"A", "B"}:
             raise AdapterError(f"{where}: lora_{'B' if 'A' in factors else 'A'} is missing")
         a, b = factors["A"], factors["B"]
-        if a.ndim != 2 or b.ndim != 2:
-            raise AdapterError(f"{where}: LoRA factors must be matrices")
-        peft_key = _peft_module(layer, target).removeprefix(PEFT_PREFIX)
-        rank = a.shape[0] // (num_experts if target in EXPERTS else 1)
-        alpha = float(_pattern_value(raw.get("alpha_pattern"), peft_key, config.alpha))
-        scale = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
+        experts = num_experts if target in EXPERTS else 1
         parent, leaf = _resolve(model, f"model.layers.{layer}.{_OUR_PATH[target]}")
         base = getattr(parent, leaf)
         if target in EXPERTS:
-            module = LoRASwitchLinear(base, max(rank, 1), scale)
-            want_a = (num_experts * module.lora_a.shape[1], module.lora_a.shape[2])
+            _, in_dims, out_dims = _switch_dims(base)
         else:
-            module = LoRALinear(base, max(rank, 1), scale, 0.0)
-            want_a = module.lora_a.shape
-        out_dims = module.lora_b.shape[-2] if target in EXPERTS else module.lora_b.shape[0]
-        in_dims = want_a[1]
-        if (a.shape[1] != in_dims or b.shape[0] != out_dims or b.shape[1] != a.shape[0]
-                or a.shape[0] % (num_experts if target in EXPERTS else 1)):
+            in_dims, out_dims = _linear_dims(base)
+        rank = a.shape[0] // experts if a.ndim == 2 else 0
+        if (a.ndim != 2 or b.ndim != 2 or rank < 1 or a.shape[0] != rank * experts
+                or a.shape[1] != in_dims or b.shape != (out_dims, a.shape[0])):
+            per = f"r·{experts}" if experts > 1 else "r"
             raise AdapterError(
                 f"{where}: adapter shapes A {list(a.shape)}, B {list(b.shape)} do not fit the "
-                f"model (expects A [r{'·' + str(num_experts) if target in EXPERTS else ''}, "
-                f"{in_dims}], B [{out_dims}, r...]): an adapter for another model?")
-        a, b = from_peft(target, a.astype(mx.float32), b.astype(mx.float32), num_experts)
-        module.lora_a, module.lora_b = a, b
+                f"model (expects A [{per}, {in_dims}], B [{out_dims}, {per}]): an adapter for "
+                "another model?")
+        peft_key = _peft_module(layer, target).removeprefix(PEFT_PREFIX)
+        alpha = float(_pattern_value(raw.get("alpha_pattern"), peft_key, config.alpha))
+        scale = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
+        module = (LoRASwitchLinear(base, rank, scale) if target in EXPERTS
+                  else LoRALinear(base, rank, scale, 0.0))
+        module.lora_a, module.lora_b = from_peft(target, a.astype(mx.float32),
+                                                 b.astype(mx.float32), num_experts)
+        wrapped.append((parent, leaf, module))
+    model.freeze()
+    for parent, leaf, module in wrapped:
         module.base.freeze()
         setattr(parent, leaf, module)
     model.lora_config = config
