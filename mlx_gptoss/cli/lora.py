@@ -63,6 +63,8 @@ def lora(
     dtype: Optional[str] = DTYPE,
 ) -> None:
     """Fine-tune LoRA adapters on harmony conversations (OpenAI chat or harmony JSONL)."""
+    import mlx.core as mx
+
     from ..hub import load
     from ..lora import LoraConfig, adapter_summary, apply_lora
     from ..train import TrainConfig, train
@@ -97,7 +99,7 @@ def lora(
                    overflow=overflow, warn=warn)
     train_set = load_examples(train_file, tokenizer, **options)
     val_set = load_examples(valid_file, tokenizer, **options) if valid_file else []
-    mx_seed(seed)
+    mx.random.seed(seed)  # the adapters' initial A
     apply_lora(net, config)
     print(f"Loaded {len(train_set)} training and {len(val_set)} validation samples; "
           f"{adapter_summary(net)}")
@@ -114,12 +116,6 @@ def lora(
     except KeyboardInterrupt:
         print("\ninterrupted; the last checkpoint is kept", file=sys.stderr)
         raise typer.Exit(130) from None
-
-
-def mx_seed(seed: int) -> None:
-    import mlx.core as mx
-
-    mx.random.seed(seed)  # the adapters' initial A
 
 
 def register(app: typer.Typer) -> None:
