@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -205,7 +205,9 @@ class MLP(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         logits = self.router(x)
-        chosen = mx.argpartition(-logits, kth=self.top_k - 1, axis=-1)[:, : self.top_k]
+        # The choice is discrete: training differentiates through the chosen logits only.
+        chosen = mx.stop_gradient(
+            mx.argpartition(-logits, kth=self.top_k - 1, axis=-1)[:, : self.top_k])
         weights = mx.softmax(mx.take_along_axis(logits, chosen, axis=-1), axis=-1, precise=True)
         y = self.experts(x, chosen)
         y = (y * weights[..., None]).sum(axis=-2)
@@ -325,6 +327,16 @@ class Model(nn.Module):
     def __call__(self, inputs: mx.array, cache: list | None = None,
                  last_only: bool = False) -> mx.array:
         """`last_only` computes the last block's MLP and the head for the last position only."""
+        return self.head(self.features(inputs, cache, last_only))
+
+    def features(self, inputs: mx.array, cache: list | None = None, last_only: bool = False,
+                 wrap_layer: Callable | None = None) -> mx.array:
+        """The normalised final activations `[B, T, H]` (what the head multiplies).
+
+        `wrap_layer(layer)` may return a replacement callable per block, e.g. a gradient
+        checkpoint for training (see `train.py`), which also computes its loss by chunks of
+        these activations instead of the full logits.
+        """
         x = self.embed(inputs)
         t = inputs.shape[1]
         caches = cache if cache is not None else [None] * len(self.layers)
@@ -336,8 +348,9 @@ class Model(nn.Module):
                 history = layer_cache.length if layer_cache is not None else 0
                 window = self.config.sliding_window if layer.sliding else None
                 masks[layer.sliding] = attention_mask(t, offset, history, window)
-            x = layer(x, masks[layer.sliding], layer_cache, last_only and i == last)
-        return self.head(self.model.norm(x))
+            run = layer if wrap_layer is None else wrap_layer(layer)
+            x = run(x, masks[layer.sliding], layer_cache, last_only and i == last)
+        return self.model.norm(x)
 
     def step_rows(self, tokens: mx.array, caches: Sequence[Sequence[Any]]) -> mx.array:
         """The next-token logits `[B, vocab]` of `B` sequences, each one token `tokens[b]` on

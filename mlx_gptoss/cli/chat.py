@@ -20,6 +20,7 @@ from ..env import user_cache_dir
 from ..errors import GptOssError
 from . import interrupts
 from .generate import (
+    ADAPTER,
     BROWSER,
     BROWSER_ALLOW_PRIVATE,
     BROWSER_SEARCH,
@@ -291,6 +292,7 @@ def chat(
     json_schema: Optional[Path] = JSON_SCHEMA,
     max_reasoning_tokens: Optional[int] = MAX_REASONING_TOKENS,
     dtype: Optional[str] = DTYPE,
+    adapter: Optional[Path] = ADAPTER,
     load_file: Optional[Path] = typer.Option(None, "--load", help="Start from a saved chat."),
     stats: Optional[bool] = STATS,
     verbose: bool = VERBOSE,
@@ -304,7 +306,7 @@ def chat(
                         confirm_code=None if python_auto else _ask_to_run,
                         browser=browser, browser_search=browser_search,
                         browser_allow_private=browser_allow_private,
-                        max_reasoning_tokens=max_reasoning_tokens)
+                        max_reasoning_tokens=max_reasoning_tokens, adapter=adapter)
     if load_file is not None:
         session.load(load_file)
     display = Display(session.tokenizer, show_reasoning=show_reasoning, verbose=verbose,

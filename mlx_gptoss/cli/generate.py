@@ -39,7 +39,7 @@ def load_chat(model: str, dtype: Optional[str], *, effort: str, system: Optional
               max_tool_rounds: int, on_tool_call=None, json_schema: Optional[Path] = None,
               python_unsafe: bool = False, confirm_code=None, browser: bool = False,
               browser_search: Optional[str] = None, browser_allow_private: bool = False,
-              max_reasoning_tokens: Optional[int] = None):
+              max_reasoning_tokens: Optional[int] = None, adapter: Optional[Path] = None):
     """Everything both commands need: loaded model, tools, sampling, a `Chat`.
 
     Every option is checked, and every file read, before the model loads (which can take
@@ -61,7 +61,7 @@ def load_chat(model: str, dtype: Optional[str], *, effort: str, system: Optional
     python_tool, browser_tool = builtin_tools(
         python=python, python_unsafe=python_unsafe, confirm_code=confirm_code, browser=browser,
         browser_search=browser_search, browser_allow_private=browser_allow_private)
-    net, tokenizer = load(model, dtype)
+    net, tokenizer = load(model, dtype, adapter=adapter)
     context = getattr(net.config, "max_position_embeddings", None)
     if context is not None and max_tokens > context:
         raise GptOssError(f"--max-tokens {max_tokens} is more than the model's context length "
@@ -148,6 +148,8 @@ MAX_REASONING_TOKENS = typer.Option(
          "enough that the answer fits in --max-tokens).")
 JSON_SCHEMA = typer.Option(None, "--json-schema",
                            help="JSON Schema file: every answer is JSON that validates against it.")
+ADAPTER = typer.Option(None, "--adapter", "--adapter-path",
+                       help="LoRA adapter directory (PEFT format, e.g. from `mlx-gptoss lora`).")
 DTYPE = typer.Option(None, "--dtype",
                      help="Compute dtype (bfloat16, float32...). Default: float32 activations "
                           "on the CPU backend, bfloat16 on a GPU.")
@@ -375,6 +377,7 @@ def generate(
     json_schema: Optional[Path] = JSON_SCHEMA,
     max_reasoning_tokens: Optional[int] = MAX_REASONING_TOKENS,
     dtype: Optional[str] = DTYPE,
+    adapter: Optional[Path] = ADAPTER,
     as_json: bool = typer.Option(False, "--json", help="One JSON event per line on stdout."),
     stats: Optional[bool] = STATS,
     verbose: bool = VERBOSE,
@@ -405,7 +408,7 @@ def generate(
                          python_unsafe=python_unsafe, browser=browser,
                          browser_search=browser_search,
                          browser_allow_private=browser_allow_private,
-                         max_reasoning_tokens=max_reasoning_tokens,
+                         max_reasoning_tokens=max_reasoning_tokens, adapter=adapter,
                          temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                          seed=seed, max_tokens=max_tokens, max_tool_rounds=max_tool_rounds,
                          json_schema=json_schema)
