@@ -23,7 +23,6 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from .errors import GptOssError, HarmonyError
-from .generate import developer_message, system_message
 from .harmony import (
     Author,
     Conversation,
@@ -34,6 +33,7 @@ from .harmony import (
     ToolDescription,
     render_for_training,
 )
+from .prompts import developer_message, system_message
 
 REASONING_KEYS = ("thinking", "reasoning", "reasoning_content")
 MASKS = ("assistant", "final")

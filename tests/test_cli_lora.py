@@ -61,7 +61,7 @@ def test_lora_command_bad_row_is_one_line(chat_checkpoint, tmp_path, capsys):
     assert re.match(r"error: .*bad\.jsonl:2: not valid JSON", err)
 
 
-def test_fuse_merges_attention_exactly(checkpoint_factory, tmp_path, capsys, offline_vocab):
+def test_fuse_merges_attention_exactly(checkpoint_factory, tmp_path, capsys):
     path = checkpoint_factory("lora_fuse", seed=4, num_hidden_layers=2, intermediate_size=32)
     model, _ = load(path, "float32")
     apply_lora(model, LoraConfig(rank=3, alpha=6, targets=("attention", "router"), layers=(1,)))
