@@ -85,7 +85,7 @@ def _download(repo_id: str, progress: bool) -> Path:
 
 
 def load(model: str | os.PathLike, dtype: str | mx.Dtype | None = None, *,
-         progress: bool = True) -> tuple[Model, Any]:
+         progress: bool = True, shard: Any = None) -> tuple[Model, Any]:
     """`(model, tokenizer)` for a model directory or hub repo id.
 
     The model's `sampling_defaults` come from its generation_config.json; generation uses them
@@ -93,7 +93,7 @@ def load(model: str | os.PathLike, dtype: str | mx.Dtype | None = None, *,
     the checkpoint's bf16; float32 is much faster on CPU).
     """
     path = resolve_model(model, progress=progress)
-    net, tokenizer = load_dir(path, dtype)
+    net, tokenizer = load_dir(path, dtype, shard)
     net.sampling_defaults = SamplingParams.from_model_dir(path)
     net.model_dir = path
     return net, tokenizer

@@ -295,8 +295,11 @@ class Model(nn.Module):
     def __call__(self, inputs: mx.array, cache: list | None = None,
                  last_only: bool = False) -> mx.array:
         """`last_only` computes the last block's MLP and the head for the last position only."""
-        x = self.embed(inputs)
-        t = inputs.shape[1]
+        return self.head(self.model.norm(self.run_layers(self.embed(inputs), cache, last_only)))
+
+    def run_layers(self, x: mx.array, cache: list | None, last_only: bool) -> mx.array:
+        """The blocks over activations `x [B, T, H]` (a pipeline stage overrides this)."""
+        t = x.shape[1]
         caches = cache if cache is not None else [None] * len(self.layers)
         masks: dict[bool, object] = {}
         last = len(self.layers) - 1
@@ -307,7 +310,7 @@ class Model(nn.Module):
                 window = self.config.sliding_window if layer.sliding else None
                 masks[layer.sliding] = attention_mask(t, offset, history, window)
             x = layer(x, masks[layer.sliding], layer_cache, last_only and i == last)
-        return self.head(self.model.norm(x))
+        return x
 
     def embed(self, inputs: mx.array) -> mx.array:
         """Token ids -> activations (in `activation_dtype` when the loader set one)."""

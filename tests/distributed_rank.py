@@ -1,0 +1,66 @@
+"""One rank of the distributed tests (run by tests/test_distributed.py, one process per rank).
+
+`python tests/distributed_rank.py MODEL PARALLEL OUT.json` loads this rank's share, then
+writes: the float32 logits of a prompt (full sequence), greedy and seeded tokens over two
+generations that share a prompt prefix (the second reuses the prompt cache), its resident
+expert bytes and its load line. `single` as PARALLEL runs the same on one process.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_gptoss import distributed
+from mlx_gptoss.cache import PromptCache
+from mlx_gptoss.generate import generate_tokens
+from mlx_gptoss.loading import load_model
+from mlx_gptoss.sampling import SamplingParams, make_sampler
+
+PROMPT = [3, 17, 42, 99, 7, 250, 11, 64, 128, 5, 19, 201, 33, 77]  # longer than the window (8)
+FOLLOW_UP = [60, 61, 62]
+STEPS = 10
+
+
+def generations(model, params: SamplingParams) -> list[list[int]]:
+    """Two calls through one prompt cache: the prompt, then prompt + answer + follow-up."""
+    cache = PromptCache.for_model(model)
+    sampler = make_sampler(params)
+    first = list(generate_tokens(model, PROMPT, sampler=sampler, max_tokens=STEPS,
+                                 prompt_cache=cache))
+    second = list(generate_tokens(model, PROMPT + first + FOLLOW_UP, sampler=sampler,
+                                  max_tokens=STEPS, prompt_cache=cache))
+    return [first, second]
+
+
+def main(model_dir: str, parallel: str, out: str) -> None:
+    lines: list[str] = []
+    if parallel == "single":
+        model, _ = load_model(model_dir, "float32")
+        rank = 0
+    else:
+        model, _ = distributed.load(model_dir, "float32", parallel=parallel, log=lines.append)
+        rank = mx.distributed.init().rank()
+    with distributed.rank_zero_output():
+        logits = model(mx.array([PROMPT]))
+        mx.eval(logits)
+        greedy = generations(model, SamplingParams(temperature=0.0))
+        seeded = generations(model, SamplingParams(temperature=1.0, seed=1234))
+        unseeded = generations(model, SamplingParams(temperature=1.0))
+    expert_bytes = sum(v.nbytes for k, v in _parameters(model) if ".mlp.experts." in k)
+    np.save(out + ".logits.npy", np.array(logits))
+    with open(out, "w") as f:
+        json.dump({"rank": rank, "greedy": greedy, "seeded": seeded, "unseeded": unseeded,
+                   "expert_bytes": expert_bytes, "load_line": lines}, f)
+
+
+def _parameters(model):
+    from mlx.utils import tree_flatten
+
+    return tree_flatten(model.parameters())
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
