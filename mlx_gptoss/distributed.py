@@ -24,6 +24,7 @@ a lost peer (MLX's RuntimeError) into one `DistributedError` line.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import secrets
@@ -248,7 +249,7 @@ def load(model: str | os.PathLike, dtype: str | mx.Dtype | None = None, *,
     net, tokenizer = hub_load(path, dtype, shard=shard)
     synchronize_seed(group)  # also waits for every rank to finish loading
     net.shard = shard
-    (log or (lambda line: print(line, file=sys.stderr, flush=True)))(shard.load_line(net))
+    (log or _log_line)(shard.load_line(net))
     return net, tokenizer
 
 
@@ -260,14 +261,23 @@ def _peer_lost(error: BaseException) -> bool:
                                                                       "[mpi]", "[nccl]"))
 
 
+# Where each rank's own lines (its load line) go while `rank_zero_output` silences it.
+_rank_stderr: list[Any] = []
+
+
+def _log_line(line: str) -> None:
+    print(line, file=_rank_stderr[-1] if _rank_stderr else sys.stderr, flush=True)
+
+
 @contextlib.contextmanager
 def rank_zero_output(group: mx.distributed.Group | None = None) -> Iterator[None]:
-    """Inside: only rank 0 prints (the others' stdout and stderr go nowhere); a lost peer is
-    one `DistributedError` line. Errors are raised after the streams are restored, so each
-    rank reports its own."""
+    """Inside: only rank 0 prints (the others' stdout and stderr go nowhere, except their
+    load line); a lost peer is one `DistributedError` line. Errors are raised after the
+    streams are restored, so each rank reports its own."""
     group = group if group is not None else init_group()
     rank, size = group.rank(), group.size()
     saved = sys.stdout, sys.stderr
+    _rank_stderr.append(sys.stderr)
     if rank != 0:
         sys.stdout = sys.stderr = io.TextIOWrapper(open(os.devnull, "wb"), write_through=True)
     try:
@@ -278,9 +288,21 @@ def rank_zero_output(group: mx.distributed.Group | None = None) -> Iterator[None
         raise DistributedError(f"rank {rank}/{size}: lost the connection to another rank "
                                f"(did it stop or crash?): {e}") from None
     finally:
+        _rank_stderr.pop()
         if rank != 0:
             sys.stdout.close()
             sys.stdout, sys.stderr = saved
+
+
+def rank_zero_command(command: Callable) -> Callable:
+    """A CLI command run inside `rank_zero_output` (the signature is kept for typer)."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        with rank_zero_output():
+            return command(*args, **kwargs)
+
+    return run
 
 
 def synchronized_sampler(sampler: Callable[[mx.array], mx.array],

@@ -12,10 +12,11 @@ from typing import Optional
 
 import typer
 
+from ..distributed import rank_zero_command
 from ..errors import GptOssError
 from .generate import (DEVELOPER, DTYPE, EFFORT, EFFORTS, JSON_SCHEMA, MAX_TOKENS, MAX_TOOL_ROUNDS,
-                       MIN_P, PYTHON, SEED, SHOW_REASONING, SYSTEM, TEMPERATURE, TOOLS, TOP_K,
-                       TOP_P, Display, load_chat, model_option, run_turn)
+                       MIN_P, PARALLEL, PYTHON, SEED, SHOW_REASONING, SYSTEM, TEMPERATURE, TOOLS,
+                       TOP_K, TOP_P, Display, load_chat, model_option, run_turn)
 
 HELP = """commands:
   /effort low|medium|high   reasoning effort
@@ -122,6 +123,7 @@ def repl(chat, display: Display, stdin=None) -> None:
             print("\n[interrupted: this turn was discarded]", file=sys.stderr)
 
 
+@rank_zero_command
 def chat(
     model: str = model_option(),
     reasoning_effort: str = EFFORT,
@@ -139,6 +141,7 @@ def chat(
     max_tool_rounds: int = MAX_TOOL_ROUNDS,
     json_schema: Optional[Path] = JSON_SCHEMA,
     dtype: Optional[str] = DTYPE,
+    parallel: str = PARALLEL,
     load_file: Optional[Path] = typer.Option(None, "--load", help="Start from a saved chat."),
     verbose: bool = typer.Option(False, "--verbose", "-v",
                                  help="Print each prompt and the stats to stderr."),
@@ -148,7 +151,7 @@ def chat(
                         tools=tools, python=python, temperature=temperature, top_p=top_p,
                         top_k=top_k, min_p=min_p, seed=seed, max_tokens=max_tokens,
                         max_tool_rounds=max_tool_rounds, on_tool_call=_ask_tool_result,
-                        json_schema=json_schema)
+                        json_schema=json_schema, parallel=parallel)
     if load_file is not None:
         session.load(load_file)
     display = Display(session.tokenizer, show_reasoning=show_reasoning, verbose=verbose)

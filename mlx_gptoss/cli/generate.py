@@ -13,6 +13,7 @@ from typing import Any, Optional, TextIO
 
 import typer
 
+from ..distributed import rank_zero_command
 from ..errors import GptOssError
 
 EFFORTS = ("low", "medium", "high")
@@ -31,18 +32,19 @@ def load_chat(model: str, dtype: Optional[str], *, effort: str, system: Optional
               developer: Optional[str], tools: Optional[Path], python: bool,
               temperature: Optional[float], top_p: Optional[float], top_k: Optional[int],
               min_p: Optional[float], seed: Optional[int], max_tokens: int,
-              max_tool_rounds: int, on_tool_call=None, json_schema: Optional[Path] = None):
+              max_tool_rounds: int, on_tool_call=None, json_schema: Optional[Path] = None,
+              parallel: str = "auto"):
     """Everything both commands need: loaded model, tools, sampling, a `Chat`."""
     from ..chat import Chat
     from ..constrained import load_json_schema
-    from ..hub import load
+    from ..distributed import load
     from ..tools.functions import load_tools_file
 
     if effort.lower() not in EFFORTS:
         raise GptOssError(f"--reasoning-effort must be one of {', '.join(EFFORTS)}, got {effort!r}")
     functions = load_tools_file(tools) if tools is not None else []
     response_format = load_json_schema(json_schema) if json_schema is not None else None
-    net, tokenizer = load(model, dtype)
+    net, tokenizer = load(model, dtype, parallel=parallel)
     sampling = net.sampling_defaults.with_overrides(temperature=temperature, top_p=top_p,
                                                     top_k=top_k, min_p=min_p, seed=seed)
     return Chat(net, tokenizer, instructions=developer, system=system, reasoning_effort=effort,
@@ -72,6 +74,9 @@ PYTHON = typer.Option(False, "--python", help=(
 MAX_TOOL_ROUNDS = typer.Option(8, "--max-tool-rounds", help="Tool calls per turn.")
 JSON_SCHEMA = typer.Option(None, "--json-schema",
                            help="JSON Schema file: every answer is JSON that validates against it.")
+PARALLEL = typer.Option("auto", "--parallel", help=(
+    "Under mlx.launch: expert, pipeline or auto (expert unless there are more ranks than "
+    "experts); counts per rank may follow, e.g. pipeline:10,14. See docs/distributed.md."))
 DTYPE = typer.Option(None, "--dtype",
                      help="Compute dtype (bfloat16, float32...). Default: float32 activations "
                           "on the CPU backend, bfloat16 on a GPU.")
@@ -213,6 +218,7 @@ def read_prompt(prompt: Optional[str]) -> str:
 # --------------------------------------------------------------------------- the command
 
 
+@rank_zero_command
 def generate(
     model: str = model_option(),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p",
@@ -232,6 +238,7 @@ def generate(
     max_tool_rounds: int = MAX_TOOL_ROUNDS,
     json_schema: Optional[Path] = JSON_SCHEMA,
     dtype: Optional[str] = DTYPE,
+    parallel: str = PARALLEL,
     as_json: bool = typer.Option(False, "--json", help="One JSON event per line on stdout."),
     verbose: bool = typer.Option(False, "--verbose", "-v",
                                  help="Print the rendered prompt and the stats to stderr."),
@@ -245,7 +252,8 @@ def generate(
     chat = load_chat(model, dtype, effort=reasoning_effort, system=system, developer=developer,
                      tools=tools, python=python, temperature=temperature, top_p=top_p,
                      top_k=top_k, min_p=min_p, seed=seed, max_tokens=max_tokens,
-                     max_tool_rounds=max_tool_rounds, json_schema=json_schema)
+                     max_tool_rounds=max_tool_rounds, json_schema=json_schema,
+                     parallel=parallel)
     display = Display(chat.tokenizer, show_reasoning=show_reasoning, as_json=as_json,
                       verbose=verbose)
     try:
