@@ -7,6 +7,7 @@ expert bytes and its load line. `single` as PARALLEL runs the same on one proces
 """
 from __future__ import annotations
 
+import gc
 import json
 import sys
 
@@ -15,24 +16,26 @@ import numpy as np
 
 from mlx_gptoss import distributed
 from mlx_gptoss.cache import PromptCache
-from mlx_gptoss.generate import generate_tokens
+from mlx_gptoss.generate import GenerationStats, generate_tokens
 from mlx_gptoss.loading import load_model
 from mlx_gptoss.sampling import SamplingParams, make_sampler
 
-PROMPT = [3, 17, 42, 99, 7, 250, 11, 64, 128, 5, 19, 201, 33, 77]  # longer than the window (8)
+# Longer than the sliding window (8), and 20 x 4 (token, expert) pairs: the sorted expert path.
+PROMPT = [3, 17, 42, 99, 7, 250, 11, 64, 128, 5, 19, 201, 33, 77, 90, 91, 1, 2, 200, 150]
 FOLLOW_UP = [60, 61, 62]
-STEPS = 10
+STEPS = 6
 
 
-def generations(model, params: SamplingParams) -> list[list[int]]:
+def generations(model, params: SamplingParams) -> dict:
     """Two calls through one prompt cache: the prompt, then prompt + answer + follow-up."""
     cache = PromptCache.for_model(model)
     sampler = make_sampler(params)
     first = list(generate_tokens(model, PROMPT, sampler=sampler, max_tokens=STEPS,
                                  prompt_cache=cache))
+    stats = GenerationStats()
     second = list(generate_tokens(model, PROMPT + first + FOLLOW_UP, sampler=sampler,
-                                  max_tokens=STEPS, prompt_cache=cache))
-    return [first, second]
+                                  max_tokens=STEPS, prompt_cache=cache, stats=stats))
+    return {"tokens": [first, second], "cached": stats.cached_tokens}
 
 
 def main(model_dir: str, parallel: str, out: str) -> None:
@@ -43,6 +46,8 @@ def main(model_dir: str, parallel: str, out: str) -> None:
     else:
         model, _ = distributed.load(model_dir, "float32", parallel=parallel, log=lines.append)
         rank = mx.distributed.init().rank()
+    gc.collect()
+    resident = mx.get_active_memory()  # every buffer this rank holds, views' owners included
     with distributed.rank_zero_output():
         logits = model(mx.array([PROMPT]))
         mx.eval(logits)
@@ -52,7 +57,9 @@ def main(model_dir: str, parallel: str, out: str) -> None:
     expert_bytes = sum(v.nbytes for k, v in _parameters(model) if ".mlp.experts." in k)
     np.save(out + ".logits.npy", np.array(logits))
     with open(out, "w") as f:
-        json.dump({"rank": rank, "greedy": greedy, "seeded": seeded, "unseeded": unseeded,
+        json.dump({"rank": rank, "resident_bytes": resident,
+                   "parameter_bytes": sum(v.nbytes for _, v in _parameters(model)),
+                   "greedy": greedy, "seeded": seeded, "unseeded": unseeded,
                    "expert_bytes": expert_bytes, "load_line": lines}, f)
 
 
