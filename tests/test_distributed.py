@@ -263,3 +263,34 @@ def test_a_dead_rank_stops_the_others(parallel, chat_checkpoint, tmp_path):
     assert procs[0].returncode == 2, err[-2000:]
     assert "error: rank 0/2: lost the connection to another rank" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("layout", ["hf", "original", "dense", "mlx"])
+def test_a_rank_reads_its_experts_rows_in_every_layout(layout, checkpoint_factory,
+                                                       layout_factory, tmp_path):
+    """`canonical_tensors(experts=...)` gives exactly those rows of the whole expert tensors."""
+    import mlx.core as mx
+
+    from mlx_gptoss.config import load_config
+    from mlx_gptoss.formats import canonical_tensors
+
+    overrides = dict(num_local_experts=5, num_hidden_layers=2)
+    if layout == "hf":
+        path = checkpoint_factory("rows", seed=2, **overrides)
+    elif layout == "mlx":
+        from mlx_gptoss.converter import convert
+
+        path = tmp_path / "converted"
+        convert(checkpoint_factory("rows", seed=2, **overrides), path, progress=False)
+    else:
+        path = layout_factory(layout, "rows", seed=2, **overrides)
+    cfg, raw = load_config(path), json.loads((path / "config.json").read_text())
+    whole = dict(canonical_tensors(path, cfg, raw)[1])
+    share = dict(canonical_tensors(path, cfg, raw, experts=range(1, 3))[1])
+    assert share.keys() == whole.keys()
+    experts = [name for name in whole if ".mlp.experts." in name]
+    assert len(experts) == 6 * cfg.num_hidden_layers
+    for name, value in whole.items():
+        expected = value[1:3] if name in experts else value
+        assert share[name].shape == expected.shape, name
+        assert mx.array_equal(share[name], expected).item(), name
