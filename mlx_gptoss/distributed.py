@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import json
 import os
 import secrets
 import sys
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten
 
 from .config import ModelConfig, load_config
@@ -59,9 +61,20 @@ def init_group() -> mx.distributed.Group:
         raise DistributedError(f"cannot join the distributed group ({e})") from None
 
 
+def zeros_after(x: mx.array, shape: Sequence[int] | None = None) -> mx.array:
+    """Zeros (of `x`'s shape unless given) that the graph computes only after `x`.
+
+    A rank's share of a broadcast must keep the dependency: plain zeros would let that rank
+    run the collective before the ones `x` comes from, while the root runs them in the
+    other order, and the ranks would wait on each other forever (observed).
+    """
+    zeros = mx.zeros(x.shape if shape is None else tuple(shape), x.dtype)
+    return mx.depends(zeros, x)
+
+
 def broadcast(x: mx.array, group: mx.distributed.Group, root: int = 0) -> mx.array:
     """`x` as `root` has it, on every rank: the others add zeros, so the sum is exact."""
-    mine = x if group.rank() == root else mx.zeros_like(x)
+    mine = x if group.rank() == root else zeros_after(x)
     return mx.distributed.all_sum(mine, group=group)
 
 
@@ -128,7 +141,7 @@ class PipelineStage(Model):
             # Evaluated now: a caller that evaluates only the caches (prefill) or the logits
             # would otherwise never run the send, and the next rank would wait forever.
             mx.eval(mx.distributed.send(x, rank + 1, group=self.group))
-            x = mx.zeros((x.shape[0], 1 if last_only else x.shape[1], x.shape[2]), x.dtype)
+            x = zeros_after(x, (x.shape[0], 1 if last_only else x.shape[1], x.shape[2]))
         return mx.distributed.all_sum(x, group=self.group)
 
 
@@ -303,6 +316,18 @@ def rank_zero_command(command: Callable) -> Callable:
             return command(*args, **kwargs)
 
     return run
+
+
+def broadcast_json(value: Any, group: mx.distributed.Group) -> Any:
+    """Rank 0's JSON-serialisable `value` on every rank (the others pass anything, e.g. None).
+
+    The hook for a server: rank 0 receives a request and broadcasts it (prompt ids, sampling,
+    limits); every rank then makes the same generation call. Two all_sums: size, then bytes.
+    """
+    data = json.dumps(value).encode() if group.rank() == 0 else b""
+    size = broadcast(mx.array(len(data), dtype=mx.int32), group).item()
+    mine = np.frombuffer(data, np.uint8) if group.rank() == 0 else np.zeros(size, np.uint8)
+    return json.loads(bytes(np.array(broadcast(mx.array(mine), group))).decode())
 
 
 def synchronized_sampler(sampler: Callable[[mx.array], mx.array],

@@ -90,7 +90,8 @@ def load(model: str | os.PathLike, dtype: str | mx.Dtype | None = None, *,
 
     The model's `sampling_defaults` come from its generation_config.json; generation uses them
     unless told otherwise. `dtype` is the compute dtype of the unquantized weights (default:
-    the checkpoint's bf16; float32 is much faster on CPU).
+    the checkpoint's bf16; float32 is much faster on CPU). `shard`: one distributed rank's
+    share (`distributed.load` passes it).
     """
     path = resolve_model(model, progress=progress)
     net, tokenizer = load_dir(path, dtype, shard)

@@ -24,6 +24,8 @@ from mlx_gptoss.sampling import SamplingParams, make_sampler
 PROMPT = [3, 17, 42, 99, 7, 250, 11, 64, 128, 5, 19, 201, 33, 77, 90, 91, 1, 2, 200, 150]
 FOLLOW_UP = [60, 61, 62]
 STEPS = 6
+SEEDED = SamplingParams(temperature=1.0, seed=1234)
+REQUEST = {"prompt": PROMPT, "sampling": {"temperature": 0.7}, "text": "héllo"}
 
 
 def generations(model, params: SamplingParams) -> dict:
@@ -52,14 +54,19 @@ def main(model_dir: str, parallel: str, out: str) -> None:
         logits = model(mx.array([PROMPT]))
         mx.eval(logits)
         greedy = generations(model, SamplingParams(temperature=0.0))
-        seeded = generations(model, SamplingParams(temperature=1.0, seed=1234))
+        seeded = generations(model, SEEDED)
         unseeded = generations(model, SamplingParams(temperature=1.0))
+        group = mx.distributed.init()
+        request = distributed.broadcast_json(REQUEST if rank == 0 else None, group)
+        synced = generate_tokens(model, PROMPT, max_tokens=STEPS, sampler=distributed.
+                                 synchronized_sampler(make_sampler(SEEDED), group))
+        synced = list(synced)
     expert_bytes = sum(v.nbytes for k, v in _parameters(model) if ".mlp.experts." in k)
     np.save(out + ".logits.npy", np.array(logits))
     with open(out, "w") as f:
         json.dump({"rank": rank, "resident_bytes": resident,
                    "parameter_bytes": sum(v.nbytes for _, v in _parameters(model)),
-                   "greedy": greedy, "seeded": seeded, "unseeded": unseeded,
+                   "greedy": greedy, "request": request, "synced": synced, "seeded": seeded, "unseeded": unseeded,
                    "expert_bytes": expert_bytes, "load_line": lines}, f)
 
 

@@ -24,6 +24,7 @@ from mlx_gptoss.distributed import Shard, parse_parallel, plan, split_evenly
 from mlx_gptoss.errors import DistributedError
 
 ROOT = Path(__file__).resolve().parent.parent
+PROMPT = [3, 17, 42, 99, 7, 250, 11, 64, 128, 5, 19, 201, 33, 77, 90, 91, 1, 2, 200, 150]
 RANK_SCRIPT = Path(__file__).resolve().parent / "distributed_rank.py"
 CLI = "from mlx_gptoss.cli import main; main()"
 SAFETY_TIMEOUT = 240  # the first compiled run of a fresh process builds kernels
@@ -121,6 +122,10 @@ def test_ranks_match_one_process(parallel, n, dist_checkpoint, single, tmp_path)
         assert r["greedy"] == single["greedy"]
         assert r["seeded"] == single["seeded"]  # temperature 1, seed 1234
         assert r["unseeded"]["tokens"] == ranks[0]["unseeded"]["tokens"]  # seed from rank 0
+        # The hooks a server or a mixed cluster uses: rank 0's request and token everywhere.
+        assert r["request"] == single["request"] == {"prompt": PROMPT, "sampling": {
+            "temperature": 0.7}, "text": "héllo"}
+        assert r["synced"] == single["seeded"]["tokens"][0]
     # Each rank's line, its share, and what it actually holds in memory.
     total_experts, total_layers = DIST_CONFIG["num_local_experts"], DIST_CONFIG["num_hidden_layers"]
     expected_counts = split_evenly(total_experts if parallel == "expert" else total_layers, n)
