@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -83,20 +82,11 @@ def worker(path: str, strategy: str, prompt_tokens: int, decode_tokens: int, rep
         }))
 
 
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def run_ranks(n: int, strategy: str, args: argparse.Namespace, path: Path, tmp: Path) -> dict:
     out = tmp / f"{strategy}-{n}.json"
-    hostfile = tmp / f"hosts-{n}.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(n)]))
+    from mlx_gptoss.distributed import local_hostfile
+
+    hostfile = local_hostfile(n, tmp / f"hosts-{n}.json")
     argv = [sys.executable, __file__, "--worker", str(path), strategy, str(args.prompt),
             str(args.decode), str(args.repeats), args.dtype or "", str(out)]
     procs = []
@@ -150,6 +140,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for n in [int(x) for x in args.ranks.split(",")]:
             for strategy in (["auto"] if n == 1 else args.strategies.split(",")):
+                if strategy == "pipeline" and n > args.layers:
+                    print(f"skipped: pipeline over {n} ranks needs {n} layers", flush=True)
+                    continue
                 rows.append(run_ranks(n, strategy, args, path, Path(tmp)))
                 print(json.dumps(rows[-1]), flush=True)
     print(table(rows))

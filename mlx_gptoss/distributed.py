@@ -29,6 +29,7 @@ import io
 import json
 import os
 import secrets
+import socket
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -70,6 +71,20 @@ def zeros_after(x: mx.array, shape: Sequence[int] | None = None) -> mx.array:
     """
     zeros = mx.zeros(x.shape if shape is None else tuple(shape), x.dtype)
     return mx.depends(zeros, x)
+
+
+def local_hostfile(ranks: int, path: str | os.PathLike) -> Path:
+    """Write the ring hostfile `mlx.launch --backend ring -n RANKS` would (127.0.0.1, free
+    ports) to `path`: set `MLX_HOSTFILE` to it and `MLX_RANK` to 0...ranks-1 in each process."""
+    sockets = [socket.socket() for _ in range(ranks)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    path = Path(path)
+    path.write_text(json.dumps([[f"127.0.0.1:{port}"] for port in ports]))
+    return path
 
 
 def broadcast(x: mx.array, group: mx.distributed.Group, root: int = 0) -> mx.array:

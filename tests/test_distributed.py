@@ -11,7 +11,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlx_gptoss.distributed import Shard, parse_parallel, plan, split_evenly
+from mlx_gptoss.distributed import Shard, local_hostfile, parse_parallel, plan, split_evenly
 from mlx_gptoss.errors import DistributedError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,23 +36,6 @@ DIST_CONFIG = dict(num_local_experts=7, num_experts_per_tok=4, num_hidden_layers
 @pytest.fixture(scope="module")
 def dist_checkpoint(checkpoint_factory) -> Path:
     return checkpoint_factory("distributed", seed=3, **DIST_CONFIG)
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def write_hostfile(n: int, tmp_path: Path) -> Path:
-    """The hostfile `mlx.launch` would write for `n` ring ranks on this machine."""
-    hostfile = tmp_path / f"hosts{n}.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(n)]))
-    return hostfile
 
 
 def rank_env(rank: int, hostfile: Path) -> dict[str, str]:
@@ -78,7 +60,7 @@ def finish(procs: list[subprocess.Popen], timeout: float = SAFETY_TIMEOUT) -> li
 
 def run_worker(n: int, parallel: str, model: Path, tmp_path: Path) -> list[dict]:
     out = tmp_path / f"{parallel}-{n}"
-    hostfile = write_hostfile(n, tmp_path)
+    hostfile = local_hostfile(n, tmp_path / f"hosts{n}.json")
     procs = [subprocess.Popen([sys.executable, str(RANK_SCRIPT), str(model), parallel,
                                f"{out}-{r}.json"], env=rank_env(r, hostfile),
                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -226,7 +208,7 @@ def test_cli_under_mlx_launch_prints_once(chat_checkpoint, tmp_path):
                          capture_output=True, text=True, timeout=SAFETY_TIMEOUT)
     assert one.returncode == 0, one.stderr
     launcher = Path(sys.executable).with_name("mlx.launch")
-    port = free_ports(1)[0]
+    port = json.loads(local_hostfile(1, tmp_path / "port.json").read_text())[0][0].split(":")[1]
     two = subprocess.run([str(launcher), "--backend", "ring", "-n", "2", "--starting-port",
                           str(port), "--", sys.executable,
                           *cli_args(chat_checkpoint, "--max-tokens", "12", "--parallel", "expert")],
@@ -240,7 +222,7 @@ def test_cli_under_mlx_launch_prints_once(chat_checkpoint, tmp_path):
 @pytest.mark.parametrize("parallel", ["expert", pytest.param("pipeline", marks=pytest.mark.slow)])
 def test_a_dead_rank_stops_the_others(parallel, chat_checkpoint, tmp_path):
     """Kill rank 1 mid-generation: rank 0 exits 2 with one clear line, well within 60 s."""
-    hostfile = write_hostfile(2, tmp_path)
+    hostfile = local_hostfile(2, tmp_path / "hosts.json")
     argv = cli_args(chat_checkpoint, "--max-tokens", "100000", "--parallel", parallel)
     procs = [subprocess.Popen([sys.executable, *argv], env=rank_env(r, hostfile),
                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
