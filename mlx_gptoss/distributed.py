@@ -150,6 +150,9 @@ class PipelineStage(Model):
         rank, size = self.group.rank(), self.group.size()
         is_last = rank == size - 1
         if rank > 0:
+            # The receive depends on nothing in the graph: evaluating the input first keeps
+            # it after the previous step's collectives, as on the other ranks.
+            mx.eval(x)
             x = mx.distributed.recv_like(x, rank - 1, group=self.group)
         x = super().run_layers(x, cache, last_only and is_last)
         if not is_last:
