@@ -201,18 +201,30 @@ def answer_events(stdout: str) -> list[dict]:
     return events
 
 
+CLI_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "MLX_GPTOSS_OFFLINE": "1"}
+
+
+def one_process(argv: list[str], stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *argv], input=stdin, env=CLI_ENV,
+                          capture_output=True, text=True, timeout=SAFETY_TIMEOUT)
+
+
+def mlx_launch(n: int, argv: list[str], tmp_path: Path, stdin: str = ""
+               ) -> subprocess.CompletedProcess:
+    """`mlx.launch --backend ring -n N -- python ARGV` (ports from a free one on)."""
+    port = json.loads(local_hostfile(1, tmp_path / "port.json").read_text())[0][0].split(":")[1]
+    launcher = Path(sys.executable).with_name("mlx.launch")
+    return subprocess.run([str(launcher), "--backend", "ring", "-n", str(n), "--starting-port",
+                           port, "--", sys.executable, *argv], input=stdin, env=CLI_ENV,
+                          capture_output=True, text=True, timeout=SAFETY_TIMEOUT)
+
+
 def test_cli_under_mlx_launch_prints_once(chat_checkpoint, tmp_path):
     """`mlx.launch -n 2 -- mlx-gptoss generate ...`: the one-process answer, printed once."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLX_GPTOSS_OFFLINE": "1"}
-    one = subprocess.run([sys.executable, *cli_args(chat_checkpoint, "--max-tokens", "12")], env=env,
-                         capture_output=True, text=True, timeout=SAFETY_TIMEOUT)
+    one = one_process(cli_args(chat_checkpoint, "--max-tokens", "12"))
     assert one.returncode == 0, one.stderr
-    launcher = Path(sys.executable).with_name("mlx.launch")
-    port = json.loads(local_hostfile(1, tmp_path / "port.json").read_text())[0][0].split(":")[1]
-    two = subprocess.run([str(launcher), "--backend", "ring", "-n", "2", "--starting-port",
-                          str(port), "--", sys.executable,
-                          *cli_args(chat_checkpoint, "--max-tokens", "12", "--parallel", "expert")],
-                         env=env, capture_output=True, text=True, timeout=SAFETY_TIMEOUT)
+    two = mlx_launch(2, cli_args(chat_checkpoint, "--max-tokens", "12", "--parallel", "expert"),
+                     tmp_path)
     assert two.returncode == 0, two.stderr
     assert answer_events(two.stdout) == answer_events(one.stdout)
     lines = [line for line in two.stderr.splitlines() if LOAD_LINE.match(line)]
@@ -281,3 +293,25 @@ def test_a_rank_reads_its_experts_rows_in_every_layout(layout, checkpoint_factor
         expected = value[1:3] if name in experts else value
         assert share[name].shape == expected.shape, name
         assert mx.array_equal(share[name], expected).item(), name
+
+
+def test_cli_rejects_an_unknown_strategy(chat_checkpoint):
+    done = one_process(cli_args(chat_checkpoint, "--parallel", "tensor"))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: --parallel must be auto, expert or pipeline (optionally followed by :counts "
+        "per rank, e.g. pipeline:10,14), got 'tensor'"]
+
+
+@pytest.mark.slow
+def test_chat_under_mlx_launch(chat_checkpoint, tmp_path):
+    """stdin goes to every rank; the pipeline's replies are the one-process replies, once."""
+    argv = ["-c", CLI, "chat", "-m", str(chat_checkpoint), "--temperature", "0",
+            "--max-tokens", "8", "--hide-reasoning"]
+    turns = "hello\nand again\n/quit\n"  # mlx.launch does not pass on the end of stdin
+    one = one_process(argv, turns)
+    assert one.returncode == 0, one.stderr
+    two = mlx_launch(2, [*argv, "--parallel", "pipeline"], tmp_path, turns)
+    assert two.returncode == 0, two.stderr
+    assert two.stdout == one.stdout
+    assert one.stdout.strip()
