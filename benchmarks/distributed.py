@@ -10,7 +10,7 @@ its ranks as separate processes on this machine joined by the ring backend over 
 (MLX_RANK/MLX_HOSTFILE, what `mlx.launch --backend ring -n N` sets), loads each rank's share
 with `distributed.load`, and times on rank 0: the prefill of a `--prompt`-token prompt and the
 greedy, pipelined decode after it (`benchmark.decode`), medians over `--repeats` after a
-warm-up. All ranks share this machine's cores, so the figures measure the collectives' cost
+warm-up; then the same collectives a decode step issues, alone (no model), per token. All ranks share this machine's cores, so the figures measure the collectives' cost
 over loopback, not a speed-up. Bytes exchanged per token are the payloads each decode step
 hands to the collectives (from their shapes; the ring backend moves about 2(N-1)/N times an
 all_sum's payload per rank).
@@ -44,6 +44,35 @@ def exchanged_bytes(strategy: str, ranks: int, layers: int, hidden: int, itemsiz
     return (ranks - 1) * activation + activation
 
 
+def collectives_only(strategy: str, group, layers: int, hidden: int, dtype, steps: int = 50
+                     ) -> float:
+    """Seconds per decode token of the collectives alone, issued as a decode step issues them
+    (expert: one all_sum of the hidden state per layer; pipeline: the neighbour hand-offs,
+    then the final all_sum), each step evaluated before the next like the real loop."""
+    import mlx.core as mx
+
+    rank, size = group.rank(), group.size()
+    x = mx.zeros((1, 1, hidden), dtype)
+
+    def step(x):
+        if strategy == "expert":
+            for _ in range(layers):
+                x = mx.distributed.all_sum(x, group=group)
+            return x
+        if rank > 0:
+            x = mx.distributed.recv_like(x, rank - 1, group=group)
+        if rank < size - 1:
+            mx.eval(mx.distributed.send(x, rank + 1, group=group))
+        return mx.distributed.all_sum(x, group=group)
+
+    mx.eval(step(x))  # warm-up
+    start = time.perf_counter()
+    for _ in range(steps):
+        x = step(x) * 0  # keep the values small
+        mx.eval(x)
+    return (time.perf_counter() - start) / steps
+
+
 def worker(path: str, strategy: str, prompt_tokens: int, decode_tokens: int, repeats: int,
            dtype: str | None, out: str) -> None:
     import mlx.core as mx
@@ -67,9 +96,12 @@ def worker(path: str, strategy: str, prompt_tokens: int, decode_tokens: int, rep
         logits = runner.prefill(tokens, cache)
         prefill_s.append(time.perf_counter() - t0)
         decode_s.append(decode(runner, cache, logits, decode_tokens))
+    cfg = model.config
+    activation = model.embed(mx.array([[0]])).dtype
+    collective_s = collectives_only(strategy, group, cfg.num_hidden_layers, cfg.hidden_size,
+                                    activation) if group.size() > 1 else 0.0
     if group.rank() == 0:
-        cfg = model.config
-        itemsize = model.embed(mx.array([[0]])).dtype.size
+        itemsize = activation.size
         Path(out).write_text(json.dumps({
             "strategy": strategy if group.size() > 1 else "single", "ranks": group.size(),
             "prefill_tps": prompt_tokens / statistics.median(prefill_s[1:]),
@@ -78,7 +110,8 @@ def worker(path: str, strategy: str, prompt_tokens: int, decode_tokens: int, rep
             "bytes_per_decode_token": exchanged_bytes(strategy, group.size(),
                                                       cfg.num_hidden_layers, cfg.hidden_size,
                                                       itemsize),
-            "activation_dtype": str(model.embed(mx.array([[0]])).dtype),
+            "activation_dtype": str(activation),
+            "collectives_ms_per_token": collective_s * 1e3,
         }))
 
 
@@ -102,13 +135,14 @@ def run_ranks(n: int, strategy: str, args: argparse.Namespace, path: Path, tmp: 
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| ranks | strategy | prefill tok/s | decode tok/s | vs 1 rank | collective bytes "
-             "per decode token (per rank) | rank 0 parameter GB |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| ranks | strategy | prefill tok/s | decode tok/s | vs 1 rank | collectives alone, "
+             "ms/token | collective payload bytes/token | rank 0 parameter GB |",
+             "|---|---|---|---|---|---|---|---|"]
     single = next(r["decode_tps"] for r in rows if r["ranks"] == 1)
     for r in rows:
         lines.append(f"| {r['ranks']} | {r['strategy']} | {r['prefill_tps']:.1f} | "
                      f"{r['decode_tps']:.2f} | {r['decode_tps'] / single:.2f}x | "
+                     f"{r['collectives_ms_per_token']:.2f} | "
                      f"{r['bytes_per_decode_token']} | {r['rank0_parameter_bytes'] / 1e9:.2f} |")
     return "\n".join(lines)
 

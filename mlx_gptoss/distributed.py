@@ -275,7 +275,11 @@ def load(model: str | os.PathLike, dtype: str | mx.Dtype | None = None, *,
     parse_parallel(parallel)  # a bad value is an error on one process too
     if group.size() == 1:
         return hub_load(model, dtype)
-    path = resolve_model(model, progress=group.rank() == 0)
+    # Rank 0 fetches or converts a hub id first: ranks sharing a host then find it cached
+    # instead of converting into the same directory at once.
+    path = resolve_model(model) if group.rank() == 0 else None
+    broadcast(mx.array(0, dtype=mx.int32), group).item()
+    path = path or resolve_model(model, progress=False)
     shard = plan(load_config(Path(path)), group, parallel)
     net, tokenizer = hub_load(path, dtype, shard=shard)
     synchronize_seed(group)  # also waits for every rank to finish loading
