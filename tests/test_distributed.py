@@ -120,7 +120,9 @@ def test_ranks_match_one_process(parallel, n, dist_checkpoint, single, tmp_path)
         assert what == ("experts" if parallel == "expert" else "layers")
         assert int(first) == sum(expected_counts[:r])
         assert int(last) - int(first) + 1 == expected_counts[r]
+        assert int(total) == (total_experts if parallel == "expert" else total_layers)
         assert int(nbytes) == info["parameter_bytes"]
+        assert 0 < int(replicated) < int(nbytes)
         share = expected_counts[r] / (total_experts if parallel == "expert" else total_layers)
         assert info["expert_bytes"] == pytest.approx(single["expert_bytes"] * share, rel=1e-9)
         assert abs(info["expert_bytes"] / single["expert_bytes"] - 1 / n) <= 1 / total_layers
@@ -298,9 +300,9 @@ def test_a_rank_reads_its_experts_rows_in_every_layout(layout, checkpoint_factor
 def test_cli_rejects_an_unknown_strategy(chat_checkpoint):
     done = one_process(cli_args(chat_checkpoint, "--parallel", "tensor"))
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [
+    assert done.stderr.strip().splitlines() == [(
         "error: --parallel must be auto, expert or pipeline (optionally followed by :counts "
-        "per rank, e.g. pipeline:10,14), got 'tensor'"]
+        "per rank, e.g. pipeline:10,14), got 'tensor'")]
 
 
 @pytest.mark.slow
