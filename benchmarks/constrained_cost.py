@@ -2,12 +2,15 @@
 
     python benchmarks/constrained_cost.py [--layers 2] [--tokens 16] [--no-model]
 
-1. `constraint_cost`: replay a realistic answer through the processor (parser, llguidance mask,
-   MLX masking), per token.
+1. `constraint_cost`: replay a whole structured turn (analysis header, reasoning, final header,
+   a realistic answer) through the processor bound to the loop's parser, per token and per
+   phase: forced header tokens, free analysis text (the text-only mask), the JSON answer
+   (llguidance's mask and the MLX masking).
 2. The generation loop on the 20b-width synthetic model (`mlx_gptoss.benchmark`'s cached
-   checkpoint): ms per token with the constraint, with a do-nothing processor (the same
-   unpipelined loop), and with no processor (pipelined), so the constraint's own share and the
-   cost of giving up pipelining are both visible.
+   checkpoint): ms per token with the constraint writing the whole turn from
+   `<|start|>assistant` (nothing forced, a reasoning budget of half the tokens), with a
+   do-nothing processor (the same unpipelined loop), and with no processor (pipelined), so
+   the constraint's own share and the cost of giving up pipelining are both visible.
 """
 from __future__ import annotations
 
@@ -70,18 +73,18 @@ def main() -> None:
     args = parser.parse_args()
 
     tok = load_tokenizer()
-    cost = constraint_cost(tok, SCHEMA, DOCUMENT)
-    print(f"constraint alone: {cost['tokens']} tokens, mean {cost['mean_ms']:.3f} ms, "
-          f"median {cost['median_ms']:.3f} ms, p90 {cost['p90_ms']:.3f} ms, max {cost['max_ms']:.3f} ms")
+    cost = constraint_cost(tok, SCHEMA, DOCUMENT, repeats=args.repeats)
+    for phase, c in cost["phases"].items():
+        print(f"constraint alone, {phase}: {c['tokens']} tokens, mean {c['mean_ms']:.3f} ms, "
+              f"median {c['median_ms']:.3f} ms, p90 {c['p90_ms']:.3f} ms, max {c['max_ms']:.3f} ms")
     if args.no_model:
         return
 
     path = synthetic_checkpoint(Settings(layers=args.layers))
     model, _ = load_model(path, args.dtype)
-    constraint = JsonSchemaConstraint.from_schema(tok, SCHEMA)
+    constraint = JsonSchemaConstraint.from_schema(tok, SCHEMA, max_reasoning_tokens=args.tokens // 2)
     prompt = render_conversation_for_completion(
         [Message.from_role_and_content(Role.USER, "Show my order.")], Role.ASSISTANT, None, tok)
-    prompt += [tok.channel] + tok.encode("final") + [tok.message]
     runs = {"pipelined": lambda: [], "do-nothing processor": lambda: [lambda tokens, logits: logits],
             "constrained": lambda: [constraint.processor(prompt)]}
     decode_ms(model, prompt, 2, [])  # warm up

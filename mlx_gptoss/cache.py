@@ -91,6 +91,18 @@ class KVCache:
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
+    def fork(self) -> "KVCache":
+        """An independent copy that shares the held positions until either one writes.
+
+        MLX's slice assignment rewrites the array object in place, so the copy gets array
+        objects of its own (views of the same buffer: the first write beyond them copies)."""
+        copy = KVCache()
+        if self.keys is not None:
+            copy.keys = self.keys[..., : self.offset, :]
+            copy.values = self.values[..., : self.offset, :]
+        copy.offset = self.offset
+        return copy
+
 
 class SlidingWindowCache:
     """The last `window - 1 + slack` positions: memory is O(window), whatever the context."""
@@ -163,6 +175,12 @@ class SlidingWindowCache:
     @property
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+    def fork(self) -> "SlidingWindowCache":
+        """The arrays are replaced, never written in place: sharing them is a copy."""
+        copy = SlidingWindowCache(self.window, self.slack)
+        copy.offset, copy.keys, copy.values = self.offset, self.keys, self.values
+        return copy
 
 
 LayerCache = KVCache | SlidingWindowCache
@@ -267,6 +285,83 @@ class PromptCache:
     @property
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.layers)
+
+    def fork(self) -> "PromptCache":
+        """An independent copy (its tokens, layer caches and snapshots), O(1) in memory until
+        it diverges: the pool hands out forks so that entries stay reusable."""
+        copy = PromptCache([c.fork() for c in self.layers])
+        copy.tokens = list(self.tokens)
+        copy._snapshots = list(self._snapshots)
+        copy.max_snapshots = self.max_snapshots
+        return copy
+
+
+# Sliding-window keys a pooled cache keeps beyond the window, so it can be trimmed back that
+# far instead of re-prefilled (a few KB per layer at gpt-oss widths).
+DEFAULT_SLIDING_SLACK = 256
+
+
+class PromptCachePool:
+    """Prompt caches shared by every request of an engine: longest-cached-prefix reuse.
+
+    `acquire(prompt)` forks the held cache that shares the longest prefix with `prompt` (so
+    two requests with the same system prompt both reuse it) and `release(cache)` keeps a
+    finished request's cache, least recently used first out, within `max_bytes`. The caller
+    then `prepare`s the fork as usual: trimming, snapshots (which the fork keeps) or a
+    re-prefill give exactly what a fresh cache would. Not thread-safe: the engine's thread
+    owns it.
+    """
+
+    def __init__(self, model, *, max_bytes: int = 2 << 30,
+                 sliding_slack: int = DEFAULT_SLIDING_SLACK,
+                 max_entries: int = 64):
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self.model = model
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries
+        self.sliding_slack = sliding_slack
+        self._entries: list[PromptCache] = []  # least recently used first
+        self.requests = 0
+        self.hits = 0
+        self.reused_tokens = 0  # prompt tokens not recomputed thanks to the pool
+
+    def acquire(self, prompt: Sequence[int]) -> PromptCache:
+        self.requests += 1
+        best, shared = None, 0
+        for entry in self._entries:
+            n = entry.common_prefix(prompt)
+            if n > shared:
+                best, shared = entry, n
+        if best is None:
+            return PromptCache.for_model(self.model, self.sliding_slack)
+        self.hits += 1
+        self._entries.remove(best)
+        self._entries.append(best)  # most recently used
+        return best.fork()
+
+    def release(self, cache: PromptCache, reused: int = 0) -> None:
+        """Keep `cache` for later requests; `reused` counts toward the stats."""
+        self.reused_tokens += reused
+        if not cache.tokens or self.max_bytes == 0:
+            return
+        # An entry that is a prefix of this one is superseded by it.
+        self._entries = [e for e in self._entries
+                         if not (len(e.tokens) <= len(cache.tokens)
+                                 and e.common_prefix(cache.tokens) == len(e.tokens))]
+        self._entries.append(cache)
+        while self._entries and (len(self._entries) > self.max_entries
+                                 or self.nbytes > self.max_bytes):
+            self._entries.pop(0)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self._entries)
+
+    def stats(self) -> dict[str, int]:
+        return {"requests": self.requests, "hits": self.hits,
+                "reused_tokens": self.reused_tokens, "entries": len(self._entries),
+                "bytes": self.nbytes}
 
 
 _EMPTY: dict[type, Any] = {KVCache: 0, SlidingWindowCache: (0, None, None)}

@@ -7,12 +7,12 @@ that leaves a key out means the same thing here as in the reference.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .env import read_json
 from .errors import ConfigError
 
 SLIDING = "sliding_attention"
@@ -34,15 +34,48 @@ class RopeConfig:
     attention_factor: float | None = None
 
 
+# What `--quantize` quantizes unless told otherwise; "router" is opt-in.
+DEFAULT_QUANTIZED_MODULES = ("attention", "embeddings", "lm_head")
+QUANTIZABLE_MODULE_NAMES = DEFAULT_QUANTIZED_MODULES + ("router",)
+# mode: (default bits, default group size, bits MLX accepts, group sizes MLX accepts). Checked
+# before MLX sees them: MLX 0.32 divides by a zero group size (SIGFPE) instead of raising.
+QUANTIZATION_MODES: dict[str, tuple[int, int, tuple[int, ...], tuple[int, ...]]] = {
+    "affine": (4, 64, (1, 2, 3, 4, 5, 6, 8), (32, 64, 128)),
+    "mxfp4": (4, 32, (4,), (32,)),
+    "mxfp8": (8, 32, (8,), (32,)),
+    "nvfp4": (4, 16, (4,), (16,)),
+}
+
+
 @dataclass(frozen=True)
 class QuantizationConfig:
-    """How the converter quantized the non-expert linears (experts are always MXFP4)."""
+    """How the converter quantized the non-expert linears (experts are always MXFP4).
+
+    Invalid settings raise `ConfigError` on construction, whether they come from the
+    command line or from a config.json."""
 
     mode: str
     bits: int
     group_size: int
-    # Which modules were quantized: subset of "attention", "embeddings", "lm_head", "router".
-    modules: tuple[str, ...] = ("attention", "embeddings", "lm_head")
+    # Which modules were quantized: a subset of QUANTIZABLE_MODULE_NAMES.
+    modules: tuple[str, ...] = DEFAULT_QUANTIZED_MODULES
+
+    def __post_init__(self) -> None:
+        if self.mode not in QUANTIZATION_MODES:
+            raise ConfigError(f"unknown quantization mode {self.mode!r}; use one of "
+                              f"{', '.join(QUANTIZATION_MODES)}")
+        _, _, bits, groups = QUANTIZATION_MODES[self.mode]
+        for what, value, allowed in (("bits", self.bits, bits),
+                                     ("group size", self.group_size, groups)):
+            if isinstance(value, bool) or value not in allowed:
+                options = ", ".join(map(str, allowed[:-1])) + " or " * (len(allowed) > 1) + \
+                    str(allowed[-1])
+                raise ConfigError(f"{self.mode} quantization takes {what} {options}, "
+                                  f"got {value!r}")
+        unknown = set(self.modules) - set(QUANTIZABLE_MODULE_NAMES)
+        if unknown:
+            raise ConfigError(f"unknown quantized modules {sorted(unknown)}; use some of "
+                              f"{', '.join(QUANTIZABLE_MODULE_NAMES)}")
 
 
 @dataclass(frozen=True)
@@ -132,16 +165,81 @@ class ModelConfig:
 
 
 def load_config(model_dir: str | Path) -> ModelConfig:
+    if not Path(model_dir).is_dir():
+        raise ConfigError(f"{model_dir}: model directory not found")
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise ConfigError(f"{path}: no config.json (is this a gpt-oss model directory?)")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: unreadable config ({e})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
+    raw = read_json(path, expect=dict, error=ConfigError)
     return ModelConfig.from_dict(raw, str(path))
+
+
+# ---- generation_config.json ----------------------------------------------------------------
+GENERATION_CONFIG = "generation_config.json"
+_SAMPLING_FIELDS = (("temperature", float), ("top_p", float), ("top_k", int), ("min_p", float))
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """What a checkpoint says about generating: its eos token ids and sampling defaults.
+
+    The eos ids come from generation_config.json (gpt-oss: <|return|>, <|endoftext|>,
+    <|call|>), else from config.json's `eos_token_id`. Sampling fields the file leaves out are
+    None, meaning "off" (see `sampling.py`); `do_sample: false` means greedy.
+    """
+
+    eos_token_ids: tuple[int, ...] = ()
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+
+    def sampling_fields(self) -> dict[str, float | int]:
+        """The sampling defaults that are set, as `SamplingParams` keyword arguments."""
+        return {k: getattr(self, k) for k, _ in _SAMPLING_FIELDS if getattr(self, k) is not None}
+
+    def stop_tokens(self, tokenizer) -> list[int]:
+        """Where generation stops: harmony's own stops (<|return|>, <|call|>), which the format
+        needs whatever the file says, then the checkpoint's other eos ids, in order."""
+        stops = list(tokenizer.stop_token_ids)
+        for token in self.eos_token_ids:
+            if token not in stops and 0 <= token < tokenizer.vocab_size:
+                stops.append(token)
+        return stops
+
+
+def load_generation_config(model_dir: str | Path | None,
+                           model_config: ModelConfig | None = None) -> GenerationConfig:
+    """`model_dir`'s generation_config.json; without one, the eos ids of `model_config`."""
+    fallback = tuple(model_config.eos_token_id) if model_config is not None else ()
+    path = Path(model_dir) / GENERATION_CONFIG if model_dir is not None else None
+    if path is None or not path.is_file():
+        return GenerationConfig(eos_token_ids=fallback)
+    data = read_json(path, expect=dict, error=ConfigError)
+    fields: dict[str, Any] = {}
+    for key, kind in _SAMPLING_FIELDS:
+        value = data.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not math.isfinite(value) or (kind is int and value != int(value)):
+            raise ConfigError(f"{path}: {key} must be a{'n integer' if kind is int else ' number'}"
+                              f", got {value!r}")
+        fields[key] = kind(value)
+    if data.get("do_sample") is False:
+        fields["temperature"] = 0.0
+    eos = data.get("eos_token_id")
+    return GenerationConfig(eos_token_ids=fallback if eos is None else _token_ids(eos, path),
+                            **fields)
+
+
+def _token_ids(value: Any, source: Any) -> tuple[int, ...]:
+    """`eos_token_id` as a tuple: one id or a list of them, each a non-negative integer."""
+    ids = value if isinstance(value, list) else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ConfigError(f"{source}: eos_token_id must be a token id or a list of them, "
+                          f"got {value!r}")
+    return tuple(ids)
 
 
 # ---- the two source shapes --------------------------------------------------------------
@@ -201,7 +299,6 @@ def _from_hf(raw: dict[str, Any], source: str) -> ModelConfig:
         SLIDING if i % 2 == 0 else FULL for i in range(n_layers)
     ]
     eos = raw.get("eos_token_id", 200002)
-    quant = raw.get("mlx_quantization")
     cfg = ModelConfig(
         vocab_size=_require(raw, "vocab_size", source),
         hidden_size=hidden,
@@ -220,15 +317,31 @@ def _from_hf(raw: dict[str, Any], source: str) -> ModelConfig:
         max_position_embeddings=int(raw.get("max_position_embeddings", 131072)),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         rope=_rope_from_hf(raw, source),
-        eos_token_id=tuple(eos) if isinstance(eos, list) else (eos,),
+        eos_token_id=_token_ids(eos, source),
         pad_token_id=raw.get("pad_token_id"),
-        quantization=None if quant is None else QuantizationConfig(
-            mode=quant["mode"], bits=int(quant["bits"]), group_size=int(quant["group_size"]),
-            modules=tuple(quant.get("modules", QuantizationConfig.modules)),
-        ),
+        quantization=_quantization_from_hf(raw.get("mlx_quantization"), source),
     )
     _validate(cfg, source)
     return cfg
+
+
+def _quantization_from_hf(quant: Any, source: str) -> QuantizationConfig | None:
+    """The converter's `mlx_quantization` section, checked (a bad one would crash MLX)."""
+    if quant is None:
+        return None
+    if not isinstance(quant, dict):
+        raise ConfigError(f"{source}: mlx_quantization must be an object")
+    for key in ("mode", "bits", "group_size"):
+        if key not in quant:
+            raise ConfigError(f"{source}: mlx_quantization has no {key!r}")
+    modules = quant.get("modules", DEFAULT_QUANTIZED_MODULES)
+    if not isinstance(modules, list | tuple) or not all(isinstance(m, str) for m in modules):
+        raise ConfigError(f"{source}: mlx_quantization.modules must be a list of names")
+    try:
+        return QuantizationConfig(mode=quant["mode"], bits=quant["bits"],
+                                  group_size=quant["group_size"], modules=tuple(modules))
+    except ConfigError as e:
+        raise ConfigError(f"{source}: mlx_quantization: {e}") from None
 
 
 def _from_original(raw: dict[str, Any], source: str) -> ModelConfig:

@@ -24,8 +24,10 @@ from typing import Callable, Iterator
 import mlx.core as mx
 import numpy as np
 
-from .config import ModelConfig, QuantizationConfig, load_config
-from .errors import CheckpointError, GptOssError
+from .config import (DEFAULT_QUANTIZED_MODULES, QUANTIZATION_MODES, ModelConfig,
+                     QuantizationConfig, load_config)
+from .env import read_json
+from .errors import CheckpointError, ConfigError, ConversionError
 from .formats import CONVERTED_MARKER, FORMATS, canonical_tensors
 from .loading import QUANTIZABLE_MODULES
 from .safetensors_io import DTYPE_NAMES, DTYPES, INDEX_NAME, SafetensorsWriter, to_bytes
@@ -33,13 +35,8 @@ from .safetensors_io import DTYPE_NAMES, DTYPES, INDEX_NAME, SafetensorsWriter, 
 FORMAT_VERSION = 1
 CONVERTER_VERSION = "0.1.0"
 MAX_SHARD_BYTES = 5 * 10**9
-DEFAULT_MODULES = ("attention", "embeddings", "lm_head")
 # Quantize big matrices this many bytes of source rows at a time (row groups are independent).
 _CHUNK_BYTES = 64 * 2**20
-
-
-class ConversionError(GptOssError):
-    """The destination cannot be written, or the requested conversion is impossible."""
 
 
 @dataclass(frozen=True)
@@ -89,16 +86,19 @@ def human_bytes(n: float) -> str:
 def quantization_config(mode: str = "affine", bits: int | None = None,
                         group_size: int | None = None, router: bool = False
                         ) -> QuantizationConfig:
-    """The settings `--quantize` records; bits/group default per mode as in `mx.quantize`."""
-    defaults = {"affine": (4, 64), "mxfp4": (4, 32), "mxfp8": (8, 32), "nvfp4": (4, 16)}
-    if mode not in defaults:
+    """The settings `--quantize` records; bits/group default per mode as in `mx.quantize`.
+    Values are checked against `QUANTIZATION_MODES` before MLX sees them."""
+    if mode not in QUANTIZATION_MODES:
         raise ConversionError(f"unknown quantization mode {mode!r}; use one of "
-                              f"{', '.join(defaults)}")
-    d_bits, d_group = defaults[mode]
-    modules = DEFAULT_MODULES + (("router",) if router else ())
-    q = QuantizationConfig(mode=mode, bits=d_bits if bits is None else bits,
-                           group_size=d_group if group_size is None else group_size,
-                           modules=modules)
+                              f"{', '.join(QUANTIZATION_MODES)}")
+    d_bits, d_group, _, _ = QUANTIZATION_MODES[mode]
+    modules = DEFAULT_QUANTIZED_MODULES + (("router",) if router else ())
+    try:
+        q = QuantizationConfig(mode=mode, bits=d_bits if bits is None else bits,
+                               group_size=d_group if group_size is None else group_size,
+                               modules=modules)
+    except ConfigError as e:
+        raise ConversionError(f"--q-bits/--q-group-size: {e}") from None
     try:  # let MLX itself say whether it supports the combination
         mx.eval(mx.quantize(mx.zeros((1, q.group_size * 4)), group_size=q.group_size,
                             bits=q.bits, mode=q.mode))
@@ -322,7 +322,7 @@ def convert(hf_path: str | Path, mlx_path: str | Path, *,
     if not src.is_dir():
         raise ConversionError(f"{src}: source directory not found")
     cfg = load_config(src)
-    raw = json.loads((src / "config.json").read_text())
+    raw = read_json(src / "config.json", expect=dict, error=ConfigError)
     fmt, tensors = canonical_tensors(src, cfg, raw, streaming=True)
     log(f"source format: {fmt} ({FORMATS[fmt]})")
     _check_destination(src, dst, force)

@@ -162,6 +162,11 @@ class PipelineStage(Model):
             x = zeros_after(x, (x.shape[0], 1 if last_only else x.shape[1], x.shape[2]))
         return mx.distributed.all_sum(x, group=self.group)
 
+    def step_rows(self, tokens: mx.array, caches) -> mx.array:
+        """The batched engine's step would skip the hand-offs between stages: refuse it."""
+        raise DistributedError("the batched engine does not run pipeline stages yet: use "
+                               "--parallel expert (or one request at a time)")
+
 
 # --------------------------------------------------------------------------- the plan
 

@@ -3,7 +3,8 @@
 Anything a user can cause (a bad checkpoint, a wrong config, a malformed conversation, a missing
 vocabulary) raises a subclass of `GptOssError` with a one-line message that names the file,
 tensor or message at fault. The CLI prints that line and exits with code 2; any other exception
-is a bug and keeps its traceback.
+is a bug and keeps its traceback. Every such class is defined here (the modules that raise
+them re-export theirs, so `from mlx_gptoss.converter import ConversionError` still works).
 """
 from __future__ import annotations
 
@@ -34,3 +35,15 @@ class DistributedError(GptOssError):
 
 class SchemaError(GptOssError):
     """A JSON Schema for constrained output is invalid, or cannot be compiled to a constraint."""
+
+
+class ConversionError(GptOssError):
+    """The destination cannot be written, or the requested conversion is impossible."""
+
+
+class VerificationError(GptOssError):
+    """A converted directory is malformed or does not match its source."""
+
+
+class ToolsFileError(GptOssError):
+    """A --tools file is unreadable or not a list of function tools."""

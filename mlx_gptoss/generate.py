@@ -21,40 +21,40 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import mlx.core as mx
 
 from .cache import PromptCache
-from .constrained import JsonSchemaConstraint
+from .defaults import DEFAULT_MAX_TOKENS
 from .errors import GptOssError
 from .harmony import (
     AnswerDone,
-    Conversation,
-    DeveloperContent,
     Event,
     HarmonyTokenizer,
     Message,
     MessageEnd,
     MessageStart,
-    ReasoningEffort,
     Recovery,
     RenderConversationConfig,
-    ResponseFormat,
     Role,
     StreamParser,
-    SystemContent,
     TextDelta,
     ToolCall,
-    ToolDescription,
-    render_conversation_for_completion,
+)
+from .harmony.constants import (
+    ANALYSIS,
+    FINAL,
+    STOP_CALL,
+    STOP_ENDOFTEXT,
+    STOP_LENGTH,
+    STOP_RETURN,
 )
 from .model import PREFILL_CHUNK, Model, prefill
+from .prompts import Prompt, render_prompt
 from .sampling import SamplingParams, make_sampler
 
 LogitsProcessor = Callable[[list, mx.array], mx.array]
-Prompt = Union[str, Conversation, Sequence[Message], Sequence[int]]
-DEFAULT_MAX_TOKENS = 4096
 
 
 @dataclass
@@ -100,15 +100,18 @@ class GenerationResult:
     stop: str
     stats: GenerationStats
     prompt_tokens: list[int] = field(repr=False, default_factory=list)
+    # False when max_tokens cut off what a constraint guarantees (the response format's JSON, a
+    # required call): then `text` is not the answer, and the CLI and server say so.
+    complete: bool = True
 
     @property
     def text(self) -> str:
         """The final answer (the `final` channel), or "" when there is none."""
-        return "".join(m.text() for m in self.messages if m.channel == "final")
+        return "".join(m.text() for m in self.messages if m.channel == FINAL)
 
     @property
     def reasoning(self) -> str:
-        return "".join(m.text() for m in self.messages if m.channel == "analysis")
+        return "".join(m.text() for m in self.messages if m.channel == ANALYSIS)
 
     @property
     def tool_calls(self) -> list[Message]:
@@ -125,9 +128,10 @@ def generate_tokens(model: Model, prompt: Sequence[int], *, sampler: Callable[[m
                     prefill_chunk: int = PREFILL_CHUNK) -> Iterator[int]:
     """Yield sampled token ids, the stop token included, until a stop token or `max_tokens`.
 
-    Without logits processors the next step's graph is queued before the current token is read
-    (`mx.async_eval`), so the device never waits for Python; the one step computed past a stop
-    token is rolled back. An exception (Ctrl-C) or closing the generator leaves `prompt_cache`
+    The next step's forward pass is queued before the current token is read (`mx.async_eval`),
+    with or without logits processors (they only mask the next token's logits, after the
+    consumer has seen this one), so the device never waits for Python; the one step computed
+    past a stop token is rolled back. An exception (Ctrl-C) or closing the generator leaves `prompt_cache`
     consistent with its tokens.
     """
     if max_tokens < 1:
@@ -171,11 +175,16 @@ def generate_tokens(model: Model, prompt: Sequence[int], *, sampler: Callable[[m
         mx.async_eval(y)
         prompt_done = time.perf_counter()
         stats.prompt_time = prompt_done - start
-        pipelined = not processors
         while True:
             queued = None
-            if pipelined and len(generated) + 1 < max_tokens:
-                queued = choose(feed(y))
+            if len(generated) + 1 < max_tokens:
+                # The next step's forward pass is queued before this token is read. Without
+                # processors its sampling is queued too; with them, the forward runs while
+                # the consumer (the parser a processor reads) takes `token`, and the
+                # processors mask its logits afterwards.
+                queued = feed(y)
+                if not processors:
+                    queued = choose(queued)
                 mx.async_eval(queued)
             token = int(y.item())
             generated.append(token)
@@ -186,165 +195,190 @@ def generate_tokens(model: Model, prompt: Sequence[int], *, sampler: Callable[[m
                 cache.rollback(safe)  # drop the step computed past the end
                 yield token
                 return
-            if queued is not None:  # already fed: the cache holds `token`
-                cache.advance([token])
-                safe = cache.checkpoint()
-                y = queued
-                yield token
-            else:  # the consumer (the parser a processor reads) sees `token` first
-                yield token
-                y = choose(feed(y))
-                cache.advance([token])
-                safe = cache.checkpoint()
+            cache.advance([token])  # already fed: the cache holds `token`
+            safe = cache.checkpoint()
+            yield token
+            y = choose(queued) if processors else queued
     except BaseException:
         cache.rollback(safe)
         raise
 
 
-# --------------------------------------------------------------------------- harmony prompts
-
-
-def parse_effort(effort: str | ReasoningEffort | None) -> ReasoningEffort | None:
-    if effort is None or isinstance(effort, ReasoningEffort):
-        return effort
-    for value in ReasoningEffort:
-        if str(effort).lower() == value.value.lower():
-            return value
-    raise GptOssError(f"unknown reasoning effort {effort!r} (expected low, medium or high)")
-
-
-def system_message(*, reasoning_effort: str | ReasoningEffort | None = ReasoningEffort.MEDIUM,
-                   identity: str | None = None, date: str | None = None,
-                   python_tool: bool = False) -> Message:
-    """The harmony system message: identity, effort, optional date and built-in python tool."""
-    content = SystemContent()
-    content.reasoning_effort = parse_effort(reasoning_effort)
-    if identity is not None:
-        content.model_identity = identity
-    if date is not None:
-        content.conversation_start_date = date
-    if python_tool:
-        content.with_python_tool()
-    return Message.from_role_and_content(Role.SYSTEM, content)
-
-
-def developer_message(instructions: str | None = None,
-                      functions: Sequence[ToolDescription] = (),
-                      response_format: ResponseFormat | None = None) -> Message | None:
-    """The developer message (instructions, function tools, response format), or None when it
-    would be empty."""
-    if instructions is None and not functions and response_format is None:
-        return None
-    content = DeveloperContent(instructions=instructions)
-    if functions:
-        content.with_function_tools(list(functions))
-    if response_format is not None:
-        content.with_response_format(response_format)
-    return Message.from_role_and_content(Role.DEVELOPER, content)
-
-
-def prompt_messages(user: str, *, reasoning_effort: str | ReasoningEffort | None = "medium",
-                    system: str | None = None, developer: str | None = None,
-                    functions: Sequence[ToolDescription] = (), python_tool: bool = False,
-                    date: str | None = None,
-                    response_format: ResponseFormat | None = None) -> list[Message]:
-    """system, optional developer, user: a one-turn conversation for `user`."""
-    messages = [system_message(reasoning_effort=reasoning_effort, identity=system, date=date,
-                               python_tool=python_tool)]
-    dev = developer_message(developer, functions, response_format)
-    if dev is not None:
-        messages.append(dev)
-    messages.append(Message.from_role_and_content(Role.USER, user))
-    return messages
-
-
-def render_prompt(prompt: Prompt, tokenizer: HarmonyTokenizer,
-                  config: RenderConversationConfig | None = None, **prompt_options) -> list[int]:
-    """Token ids for `prompt`: a user string (see `prompt_messages`), messages, or ids."""
-    if isinstance(prompt, str):
-        prompt = prompt_messages(prompt, **prompt_options)
-    elif prompt_options:
-        raise GptOssError(f"{', '.join(sorted(prompt_options))} only apply to a text prompt")
-    if hasattr(prompt, "tolist"):  # numpy or MLX arrays of ids
-        prompt = prompt.tolist()
-    if isinstance(prompt, Conversation) or (
-            isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], Message)):
-        return render_conversation_for_completion(prompt, Role.ASSISTANT, config, tokenizer)
-    ids = tokenizer.check_ids(prompt)
-    if not ids:
-        raise GptOssError("the prompt is empty")
-    return ids
-
-
 # --------------------------------------------------------------------------- streaming
+
+
+@dataclass
+class HarmonyRequest:
+    """One generation, ready to run: its prompt ids, sampler settings, logits processors and
+    the harmony parser its tokens feed (the one parser of this sequence: constraints read it).
+    Built by `prepare_request`, run by `stream_generate` or an `Engine`."""
+
+    ids: list[int]
+    sampling: SamplingParams
+    max_tokens: int
+    processors: list[LogitsProcessor]
+    parser: StreamParser
+    stop_tokens: frozenset[int]
+
+    def result(self, tokens: list[int], stats: "GenerationStats") -> tuple[list[Event], "GenerationResult"]:
+        """The closing events (a truncated message's end) and the `GenerationResult`."""
+        tok = self.parser.tok
+        last = tokens[-1] if tokens else None
+        events: list[Event] = []
+        if last == tok.return_:
+            stop = STOP_RETURN
+        elif last == tok.call:
+            stop = STOP_CALL
+        elif last == tok.endoftext:
+            stop = STOP_ENDOFTEXT
+        else:
+            stop = STOP_LENGTH
+            events = list(self.parser.finish())
+        return events, GenerationResult(tokens, list(self.parser.messages), stop, stats, self.ids,
+                                        complete=answer_complete(self.processors, stop))
+
+
+def answer_complete(processors: Sequence[LogitsProcessor], stop: str) -> bool:
+    """Whether the constrained part of a generation is whole: only `max_tokens` can cut it,
+    inside a JSON message, or before an answer the constraint requires was written."""
+    if stop != STOP_LENGTH:
+        return True
+    for processor in processors:
+        done = getattr(processor, "json_complete", None)
+        constraint = getattr(processor, "constraint", None)
+        if done is False:
+            return False
+        if done is None and constraint is not None and (
+                constraint.answer is not None or constraint.tool_choice != "auto"):
+            return False
+    return True
+
+
+SAMPLING_KEYWORDS = ("temperature", "top_p", "top_k", "min_p", "seed")
+
+
+def sampling_for(model: Model, sampling: SamplingParams | None, **overrides) -> SamplingParams:
+    """`sampling`, else the model's generation config (when `load` read one), else
+    temperature 1.0 / top-p 1.0; then the keyword overrides that are not None."""
+    if sampling is None:
+        sampling = getattr(model, "sampling_defaults", None) or SamplingParams()
+    return sampling.with_overrides(**overrides)
+
+
+def prepare_request(model: Model, tokenizer: HarmonyTokenizer, prompt: Prompt, *,
+                    max_tokens: int = DEFAULT_MAX_TOKENS, sampling: SamplingParams | None = None,
+                    logits_processors: Sequence[LogitsProcessor] = (),
+                    render_config: RenderConversationConfig | None = None,
+                    response_format: Any = None, constrain_tools: bool = True,
+                    tool_choice: Any = None, max_reasoning_tokens: int | None = None,
+                    temperature: float | None = None, top_p: float | None = None,
+                    top_k: int | None = None, min_p: float | None = None,
+                    seed: int | None = None, **prompt_options) -> HarmonyRequest:
+    """Render `prompt`, compile its constraint (a bad schema fails here, before any model
+    work), bind the processors to a fresh parser. See `stream_generate` for the arguments."""
+    if max_tokens < 1:
+        raise GptOssError(f"max_tokens must be at least 1, got {max_tokens}")
+    tool_choice = "auto" if tool_choice is None else tool_choice
+    chosen = tool_choice != "auto"
+    functions = prompt_options.get("functions", ()) if constrain_tools or chosen else ()
+    constraint = None
+    if response_format is not None or functions or chosen or max_reasoning_tokens is not None:
+        from .constrained import JsonSchemaConstraint  # noqa: I001 (llguidance only when used)
+
+        constraint = JsonSchemaConstraint.from_schema(
+            tokenizer, response_format, tools=functions, tool_choice=tool_choice,
+            max_reasoning_tokens=max_reasoning_tokens)
+        if response_format is not None and isinstance(prompt, str):
+            prompt_options["response_format"] = constraint.response_format
+    ids = render_prompt(prompt, tokenizer, render_config, **prompt_options)
+    sampling = sampling_for(model, sampling, temperature=temperature, top_p=top_p, top_k=top_k,
+                            min_p=min_p, seed=seed)
+    processors = list(logits_processors)
+    if constraint is not None:
+        processors.append(constraint.processor(ids, max_tokens=max_tokens))
+    parser = StreamParser(tokenizer, Role.ASSISTANT)
+    for processor in processors:
+        if hasattr(processor, "bind"):
+            processor.bind(parser)
+    config = getattr(model, "generation_config", None)  # set by `load` from the model dir
+    stops = config.stop_tokens(tokenizer) if config is not None else tokenizer.eos_token_ids
+    return HarmonyRequest(ids, sampling, max_tokens, processors, parser, frozenset(stops))
 
 
 def stream_generate(model: Model, tokenizer: HarmonyTokenizer, prompt: Prompt, *,
                     max_tokens: int = DEFAULT_MAX_TOKENS, sampling: SamplingParams | None = None,
+                    temperature: float | None = None, top_p: float | None = None,
+                    top_k: int | None = None, min_p: float | None = None,
+                    seed: int | None = None,
                     logits_processors: Sequence[LogitsProcessor] = (),
                     prompt_cache: PromptCache | None = None,
                     render_config: RenderConversationConfig | None = None,
                     response_format: Any = None, constrain_tools: bool = True,
+                    tool_choice: Any = None, max_reasoning_tokens: int | None = None,
                     **prompt_options) -> Iterator[Event | GenerationResult]:
     """Yield harmony events as tokens are sampled, then one `GenerationResult`.
 
     `prompt`: a user message (str; `prompt_options` such as `reasoning_effort`, `system`,
-    `developer`, `functions`, `python_tool` shape the rest of the conversation), a
+    `developer`, `functions`, `python_tool`, `date` shape the rest of the conversation), a
     `Conversation` or list of `Message`s (rendered for the assistant's completion), or token ids
-    ending where the assistant's header starts (after `<|start|>assistant`). When `sampling` is
-    None: the model's generation config if `mlx_gptoss.load` read one, else temperature 1.0,
-    top-p 1.0.
+    ending where the assistant's header starts (after `<|start|>assistant`).
+
+    Sampling: `sampling` (a `SamplingParams`), else the model's generation config if
+    `mlx_gptoss.load` read one, else temperature 1.0, top-p 1.0; `temperature`, `top_p`,
+    `top_k`, `min_p` and `seed` override single fields (temperature 0 is greedy).
 
     `response_format` (a JSON Schema dict or a pydantic model class) makes the final answer JSON
     that validates against it (`mlx_gptoss.constrained`); a text prompt also describes it in the
     developer message (for messages or ids, add `constrained.response_format_of(schema)` to your
     developer message). `constrain_tools`: arguments of calls to `functions` validate too.
+    `tool_choice`: "auto" (default), "none", "required" (some function of `functions` is
+    called), or a named function (`{"type": "function", "name": NAME}`), guaranteed by the
+    decoder. `max_reasoning_tokens`: the analysis is closed after that many tokens (and early
+    enough that a constrained answer still fits in `max_tokens`). With a response format the
+    decoder writes the whole message structure; `result.complete` is False if `max_tokens`
+    still cut the answer off.
+    `prompt_cache` reuses (and keeps) the keys and values of a previous call's shared prefix.
     """
-    functions = prompt_options.get("functions", ()) if constrain_tools else ()
-    constraint = None
-    if response_format is not None or functions:  # compiled now: a bad schema fails first
-        constraint = JsonSchemaConstraint.from_schema(tokenizer, response_format, tools=functions)
-        if response_format is not None and isinstance(prompt, str):
-            prompt_options["response_format"] = constraint.response_format
-    ids = render_prompt(prompt, tokenizer, render_config, **prompt_options)
-    if constraint is not None:
-        logits_processors = [*logits_processors, constraint.processor(ids)]
-    if sampling is None:
-        sampling = getattr(model, "sampling_defaults", None) or SamplingParams()
-    parser = StreamParser(tokenizer, Role.ASSISTANT)
-    for processor in logits_processors:
-        if hasattr(processor, "bind"):
-            processor.bind(parser)
+    request = prepare_request(model, tokenizer, prompt, max_tokens=max_tokens, sampling=sampling,
+                              logits_processors=logits_processors, render_config=render_config,
+                              response_format=response_format, constrain_tools=constrain_tools,
+                              tool_choice=tool_choice,
+                              max_reasoning_tokens=max_reasoning_tokens,
+                              temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                              seed=seed, **prompt_options)
     stats = GenerationStats()
     tokens: list[int] = []
-    stream = generate_tokens(model, ids, sampler=make_sampler(sampling), max_tokens=max_tokens,
-                             stop_tokens=tokenizer.eos_token_ids,
-                             logits_processors=logits_processors, prompt_cache=prompt_cache,
+    stream = generate_tokens(model, request.ids, sampler=make_sampler(request.sampling),
+                             max_tokens=max_tokens, stop_tokens=request.stop_tokens,
+                             logits_processors=request.processors, prompt_cache=prompt_cache,
                              stats=stats)
     try:
         for token in stream:
             tokens.append(token)
-            yield from parser.feed(token)
+            yield from request.parser.feed(token)
     finally:
         stream.close()  # on an early exit, leaves the prompt cache consistent now, not at GC
-    last = tokens[-1]
-    if last == tokenizer.return_:
-        stop = "return"
-    elif last == tokenizer.call:
-        stop = "call"
-    elif last == tokenizer.endoftext:
-        stop = "eos"
-    else:
-        stop = "length"
-        yield from parser.finish()
-    yield GenerationResult(tokens, list(parser.messages), stop, stats, ids)
+    events, result = request.result(tokens, stats)
+    yield from events
+    yield result
 
 
-def generate(model: Model, tokenizer: HarmonyTokenizer, prompt: Prompt,
-             **options) -> GenerationResult:
-    """Run `stream_generate` to the end; `result.text` is the final answer."""
+def generate(model: Model, tokenizer: HarmonyTokenizer, prompt: Prompt, *,
+             max_tokens: int = DEFAULT_MAX_TOKENS, sampling: SamplingParams | None = None,
+             temperature: float | None = None, top_p: float | None = None,
+             top_k: int | None = None, min_p: float | None = None, seed: int | None = None,
+             response_format: Any = None, **options) -> GenerationResult:
+    """Generate one answer; `result.text` is the final answer, `result.reasoning` the chain
+    of thought, `result.stop` why it ended. Takes every argument of `stream_generate`:
+
+        generate(model, tok, "Why is the sky blue?", temperature=0.7, seed=1,
+                 reasoning_effort="low", max_tokens=512)
+    """
     result = None
-    for event in stream_generate(model, tokenizer, prompt, **options):
+    for event in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens,
+                                 sampling=sampling, temperature=temperature, top_p=top_p,
+                                 top_k=top_k, min_p=min_p, seed=seed,
+                                 response_format=response_format, **options):
         result = event
     return result
 

@@ -8,7 +8,6 @@ already an MLX conversion is used straight from the hub cache. Offline (`HF_HUB_
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -16,9 +15,10 @@ from typing import Any, Callable
 
 import mlx.core as mx
 
-from .errors import GptOssError
+from .config import load_generation_config
+from .env import is_offline, read_json, user_cache_dir
+from .errors import ConfigError, GptOssError
 from .formats import CONVERTED_MARKER
-from .harmony.tokenizer import is_offline, user_cache_dir
 from .loading import load as load_dir
 from .model import Model
 from .sampling import SamplingParams
@@ -47,10 +47,7 @@ def resolve_model(name: str | os.PathLike, *, progress: bool = True,
     if (converted / "config.json").is_file():
         return converted
     snapshot = _download(text, progress)
-    try:
-        raw = json.loads((snapshot / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise GptOssError(f"{text}: unreadable config.json in the download ({e})") from None
+    raw = read_json(snapshot / "config.json", f"config of {text}", expect=dict, error=ConfigError)
     if CONVERTED_MARKER in raw:
         return snapshot
     from .converter import convert
@@ -88,13 +85,16 @@ def load(model: str | os.PathLike, dtype: str | mx.Dtype | None = None, *,
          progress: bool = True, shard: Any = None) -> tuple[Model, Any]:
     """`(model, tokenizer)` for a model directory or hub repo id.
 
-    The model's `sampling_defaults` come from its generation_config.json; generation uses them
-    unless told otherwise. `dtype` is the compute dtype of the unquantized weights (default:
-    the checkpoint's bf16; float32 is much faster on CPU). `shard`: one distributed rank's
-    share (`distributed.load` passes it).
+    The model's `sampling_defaults` and `generation_config` (eos ids: see
+    `GenerationConfig.stop_tokens`) come from its generation_config.json; generation uses them
+    unless told otherwise. `dtype` is the compute dtype of the unquantized weights; the default
+    depends on the device: float32 activations on the CPU (much faster there; the vocabulary
+    matrices stay bf16), the checkpoint's bf16 on a GPU (see `loading.resolve_dtype`).
+    `shard`: one distributed rank's share (`distributed.load` passes it).
     """
     path = resolve_model(model, progress=progress)
     net, tokenizer = load_dir(path, dtype, shard)
+    net.generation_config = load_generation_config(path, net.config)
     net.sampling_defaults = SamplingParams.from_model_dir(path)
     net.model_dir = path
     return net, tokenizer

@@ -5,7 +5,6 @@ tensor is read once and only the repacked expert rows are ever materialised anew
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ModelConfig, load_config
-from .errors import CheckpointError, GptOssError
+from .env import read_json
+from .errors import CheckpointError, ConfigError, GptOssError
 from .formats import canonical_tensors
 from .model import Model
 
@@ -73,7 +73,7 @@ def load_model(path: str | Path, dtype: str | mx.Dtype | None = None,
     if not path.is_dir():
         raise GptOssError(f"{path}: model directory not found")
     cfg = load_config(path)
-    raw = json.loads((path / "config.json").read_text())
+    raw = read_json(path / "config.json", expect=dict, error=ConfigError)
     compute = resolve_dtype(dtype)
     # By default on the CPU the activations are float32 (fast MXFP4 products), but the two
     # vocabulary matrices keep the checkpoint's dtype: half the memory, and MLX's CPU

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import Any, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -232,6 +233,19 @@ class TransformerBlock(nn.Module):
         h = x + self.self_attn.output(attended)
         return h + self.mlp(self.post_attention_layernorm(h))
 
+    def step_rows(self, x: mx.array, masks: list, caches: list) -> mx.array:
+        """One token for each of `B` independent sequences: x `[B, 1, H]`, row b attending
+        over its own cache `caches[b]` (its own length, offset and window) with `masks[b]`.
+
+        Everything but attention runs once for the whole batch (the compiled one-token graphs,
+        with a RoPE offset per row); attention runs per row, exactly the single-sequence
+        computation, so a row's result does not depend on the others."""
+        offsets = mx.array([c.offset for c in caches])
+        q, k, v = self._compiled_inputs(x, offsets)
+        attended = [self.self_attn.attend(q[b:b + 1], k[b:b + 1], v[b:b + 1], masks[b], cache)
+                    for b, cache in enumerate(caches)]
+        return self._compiled_outputs(x, mx.concatenate(attended, axis=0))
+
     def __call__(self, x: mx.array, mask, cache, last_only: bool = False) -> mx.array:
         offset = cache.offset if cache is not None else 0
         if x.shape[1] == 1:
@@ -288,6 +302,22 @@ class Model(nn.Module):
     def layers(self) -> list[TransformerBlock]:
         return self.model.layers
 
+    def __repr__(self) -> str:
+        """One line, not MLX's tree of every module (hundreds of lines for 24 layers)."""
+        def name(dtype: mx.Dtype) -> str:
+            return str(dtype).removeprefix("mlx.core.")
+
+        cfg = self.config
+        compute, vocab = self.model.norm.weight.dtype, self.model.embed_tokens.weight.dtype
+        dtype = name(compute)
+        if mx.issubdtype(vocab, mx.floating) and vocab != compute:  # see `activation_dtype`
+            dtype += f", vocabulary matrices {name(vocab)}"
+        q = cfg.quantization
+        quantized = f", {q.mode} {q.bits}-bit {'+'.join(q.modules)}" if q else ""
+        return (f"Model(gpt_oss, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+                f"{cfg.num_local_experts} experts ({cfg.num_experts_per_tok} active), vocabulary "
+                f"{cfg.vocab_size}, {dtype}{quantized})")
+
     def make_cache(self, sliding_slack: int = 0) -> list[KVCache | SlidingWindowCache]:
         return [SlidingWindowCache(self.config.sliding_window, sliding_slack) if layer.sliding
                 else KVCache() for layer in self.layers]
@@ -311,6 +341,25 @@ class Model(nn.Module):
                 masks[layer.sliding] = attention_mask(t, offset, history, window)
             x = layer(x, masks[layer.sliding], layer_cache, last_only and i == last)
         return x
+
+    def step_rows(self, tokens: mx.array, caches: Sequence[Sequence[Any]]) -> mx.array:
+        """The next-token logits `[B, vocab]` of `B` sequences, each one token `tokens[b]` on
+        top of its own layer caches `caches[b]` (see `TransformerBlock.step_rows`)."""
+        x = self.embed(tokens.reshape(-1, 1))
+        window = self.config.sliding_window
+        masks = {sliding: [attention_mask(1, rows[i].offset, rows[i].length,
+                                          window if sliding else None) for rows in caches]
+                 for sliding, i in self._first_layer_of_each_kind().items()}
+        for i, layer in enumerate(self.layers):
+            x = layer.step_rows(x, masks[layer.sliding], [rows[i] for rows in caches])
+        return self.head(self.model.norm(x))[:, -1, :]
+
+    def _first_layer_of_each_kind(self) -> dict[bool, int]:
+        """{sliding?: index of the first such layer}: layers of a kind share their masks."""
+        first: dict[bool, int] = {}
+        for i, layer in enumerate(self.layers):
+            first.setdefault(layer.sliding, i)
+        return first
 
     def embed(self, inputs: mx.array) -> mx.array:
         """Token ids -> activations (in `activation_dtype` when the loader set one)."""

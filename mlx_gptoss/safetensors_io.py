@@ -14,6 +14,7 @@ from typing import BinaryIO
 import mlx.core as mx
 import numpy as np
 
+from .env import parse_json, read_json
 from .errors import CheckpointError
 
 DTYPES: dict[str, mx.Dtype] = {
@@ -53,13 +54,11 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             (n,) = struct.unpack("<Q", head)
             if n > min(_MAX_HEADER, size - 8):
                 raise CheckpointError(f"{path}: corrupt or truncated safetensors header")
-            header = json.loads(f.read(n))
+            raw_header = f.read(n)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError(f"{path}: corrupt safetensors header") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    header = parse_json(raw_header, f"{path}: corrupt safetensors header", expect=dict,
+                        error=CheckpointError)
     data_size = size - 8 - n
     out: dict[str, TensorInfo] = {}
     for name, entry in header.items():
@@ -153,12 +152,9 @@ def open_tensor_dir(path: Path) -> dict[str, TensorInfo]:
     """
     index_file = path / INDEX_NAME
     if index_file.is_file():
-        try:
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-            raise CheckpointError(f"{index_file}: unreadable index (no weight_map)") from None
+        weight_map = read_json(index_file, expect=dict, error=CheckpointError).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index_file}: unreadable index (no weight_map object)")
         headers: dict[str, dict[str, TensorInfo]] = {}
         out: dict[str, TensorInfo] = {}
         for name, shard in weight_map.items():

@@ -11,13 +11,13 @@ least one token.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import mlx.core as mx
 
+from .config import GENERATION_CONFIG, load_generation_config
 from .errors import ConfigError, GptOssError
 
 Sampler = Callable[[mx.array], mx.array]
@@ -54,28 +54,11 @@ class SamplingParams:
     @classmethod
     def from_model_dir(cls, model_dir: str | Path | None) -> "SamplingParams":
         """Defaults from `generation_config.json` when the model directory has one."""
-        if model_dir is None:
-            return cls()
-        path = Path(model_dir) / "generation_config.json"
-        if not path.is_file():
-            return cls()
+        fields = load_generation_config(model_dir).sampling_fields()
         try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{path}: unreadable generation config ({e})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: generation config must be a JSON object")
-        fields = {}
-        for key, kind in (("temperature", float), ("top_p", float), ("top_k", int),
-                          ("min_p", float)):
-            if data.get(key) is not None:
-                try:
-                    fields[key] = kind(data[key])
-                except (TypeError, ValueError):
-                    raise ConfigError(f"{path}: {key} must be a number, got {data[key]!r}") from None
-        if data.get("do_sample") is False:
-            fields["temperature"] = 0.0
-        return cls(**fields)
+            return cls(**fields)
+        except GptOssError as e:  # a value out of range: name the file it came from
+            raise ConfigError(f"{Path(model_dir) / GENERATION_CONFIG}: {e}") from None
 
 
 def filter_logits(logits: mx.array, params: SamplingParams) -> mx.array:

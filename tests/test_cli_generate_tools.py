@@ -64,7 +64,10 @@ def test_chat_asks_the_user_for_a_tool_result(chat_model, tools_file, monkeypatc
     monkeypatch.setattr(sys, "stdin", io.StringIO('Weather?\n{"sky": "clear"}\n'))
     code, out, err = cli(capsys, "chat", "-m", "x", "--tools", tools_file)
     assert code == 0 and out == "Sunny.\n"
-    assert 'the model calls functions.get_weather with {"location": "Paris"}' in err
+    # The call is shown once, as it streams, and then its result is asked for.
+    assert err.count('{"location": "Paris"}') == 1
+    assert '-> functions.get_weather: {"location": "Paris"}\n' in err
+    assert "result for functions.get_weather> " in err
     assert '<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>' \
            '{"sky": "clear"}<|end|>' in _decode(model.prefills[-1])
 
@@ -72,6 +75,9 @@ def test_chat_asks_the_user_for_a_tool_result(chat_model, tools_file, monkeypatc
 def test_python_flag_runs_code_in_the_sandbox(chat_model, monkeypatch, capsys):
     use_script(monkeypatch, chat_model, PYTHON, ANSWER)
     code, out, err = cli(capsys, "generate", "-m", "x", "-p", "Compute", "--python")
+    assert code == 2 and "--python-auto" in err  # generate cannot ask before running code
+    code, out, err = cli(capsys, "generate", "-m", "x", "-p", "Compute", "--python",
+                         "--python-auto")
     assert code == 0 and out == "Sunny.\n"
     assert "[tool] python returned: 42" in err
 
@@ -80,3 +86,39 @@ def _decode(ids):
     from mlx_gptoss.harmony import load_tokenizer
 
     return load_tokenizer().decode(ids)
+
+
+def test_a_script_answers_the_call_through_a_conversation_file(chat_model, tools_file, tmp_path,
+                                                                monkeypatch, capsys):
+    """Issue 19, item 7: generate stops at the call and saves the conversation; the script
+    appends the tool's message; generate resumes the turn from the file, with no prompt."""
+    model = use_script(monkeypatch, chat_model, CALL, ANSWER)
+    conversation = tmp_path / "conv.json"
+    code, out, _ = cli(capsys, "generate", "-m", "x", "-p", "Weather?", "--tools", tools_file,
+                       "--conversation", conversation, "-r", "low")
+    assert code == 0 and json.loads(out)["tool_call"]["recipient"] == "functions.get_weather"
+    saved = json.loads(conversation.read_text())
+    assert [m["role"] for m in saved["messages"]] == ["system", "developer", "user", "assistant"]
+    saved["messages"].append({"role": "tool", "name": "functions.get_weather",
+                              "recipient": "assistant", "channel": "commentary",
+                              "content": [{"type": "text", "text": '{"sky": "clear"}'}]})
+    conversation.write_text(json.dumps(saved))
+
+    code, _, err = cli(capsys, "generate", "-m", "x", "-p", "again", "--conversation",
+                       conversation)
+    assert code == 2 and "ends with a tool's result: continue it without --prompt" in err
+    code, out, _ = cli(capsys, "generate", "-m", "x", "--conversation", conversation)
+    assert code == 0 and out == "Sunny.\n"
+    # The resumed prompt is the saved one: effort and the tool from the file, the tool's answer.
+    prompt = _decode(model.prefills[-1])
+    assert "Reasoning: low" in prompt and "type get_weather" in prompt
+    assert prompt.endswith('<|start|>functions.get_weather to=assistant<|channel|>commentary'
+                           '<|message|>{"sky": "clear"}<|end|><|start|>assistant')
+    final = json.loads(conversation.read_text())["messages"]
+    assert [m["role"] for m in final][-2:] == ["tool", "assistant"]
+    assert final[-1]["content"][0]["text"] == "Sunny."
+
+    conversation.write_text('{"messages": [{"role": "robot", "content": "x"}]}')
+    code, _, err = cli(capsys, "generate", "-m", tmp_path / "no-model", "--conversation",
+                       conversation)  # checked before the model is looked for
+    assert code == 2 and err.startswith(f"error: {conversation}: message 0: unknown role")

@@ -13,13 +13,12 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import ROOT, subprocess_env
 
 from mlx_gptoss.cli import main
 from mlx_gptoss.loading import load_model
 from mlx_gptoss.safetensors_io import INDEX_NAME, SafetensorsWriter
 
-pytestmark = pytest.mark.usefixtures("offline_vocab")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(capsys, *args) -> tuple[int, str, str]:
@@ -197,7 +196,7 @@ def test_verify(capsys, src, tmp_path):
 
 def test_subprocess_script_and_console(src, tmp_path):
     """The real thing: `python convert/convert.py` from the checkout, then a failing command."""
-    env = {**os.environ, "MLX_GPTOSS_OFFLINE": "1", "PYTHONPATH": ""}
+    env = subprocess_env(PYTHONPATH="")  # the script finds the checkout by itself
     dst = tmp_path / "dst"
     done = subprocess.run([sys.executable, str(ROOT / "convert" / "convert.py"), "--hf-path",
                            str(src), "--mlx-path", str(dst)], env=env, capture_output=True,
@@ -209,7 +208,7 @@ def test_subprocess_script_and_console(src, tmp_path):
     (src / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
     failed = subprocess.run([sys.executable, "-c", "from mlx_gptoss.cli import main; main()",
                              "convert", "--hf-path", str(src), "--mlx-path", str(tmp_path / "x")],
-                            env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                            env=subprocess_env(), capture_output=True,
                             text=True, timeout=120)
     assert failed.returncode == 2
     assert failed.stderr.strip().splitlines() == [

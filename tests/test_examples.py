@@ -2,36 +2,36 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import ROOT, subprocess_env
 
-ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
 
 def run_example(name: str, *args, timeout: int = 180) -> str:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLX_GPTOSS_OFFLINE": "1",
-           "EXAMPLE_MAX_TOKENS": "24"}
+    env = subprocess_env(EXAMPLE_MAX_TOKENS="24")
     done = subprocess.run([sys.executable, str(EXAMPLES / name), *map(str, args)],
                           capture_output=True, text=True, env=env, timeout=timeout)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 
 
+@pytest.mark.slow
 def test_generate_example(chat_checkpoint):
     out = run_example("generate.py", chat_checkpoint, "Hello")
     assert "stop: " in out and "tok/s" in out
 
 
+@pytest.mark.slow
 def test_chat_with_tools_example(chat_checkpoint):
     out = run_example("chat_with_tools.py", chat_checkpoint)
     assert out.count("> ") >= 2 and "tok/s" in out
 
 
+@pytest.mark.slow
 def test_structured_output_example(chat_checkpoint):
     pytest.importorskip("llguidance", reason="structured output needs llguidance (issue 7)")
     out = run_example("structured_output.py", chat_checkpoint)
@@ -40,19 +40,20 @@ def test_structured_output_example(chat_checkpoint):
         assert set(json.loads(out)) == {"city", "country", "population_millions"}
 
 
+@pytest.mark.slow
 def test_convert_example(checkpoint_factory, tmp_path):
     source = checkpoint_factory("example_source", seed=9, vocab_size=201088, num_hidden_layers=2)
     out = run_example("convert.py", source, tmp_path / "converted")
     assert (tmp_path / "converted" / "config.json").is_file() and "tok/s" in out
 
 
+@pytest.mark.slow
 def test_notebook_executes(chat_checkpoint, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     from nbclient import NotebookClient
 
     monkeypatch.setenv("MLX_GPTOSS_MODEL", str(chat_checkpoint))
     monkeypatch.setenv("EXAMPLE_MAX_TOKENS", "24")
-    monkeypatch.setenv("MLX_GPTOSS_OFFLINE", "1")
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     notebook = nbformat.read(EXAMPLES / "notebook.ipynb", as_version=4)
     NotebookClient(notebook, timeout=300, kernel_name="python3",

@@ -5,7 +5,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import reference_greedy
+from helpers import reference_greedy
 from mlx_gptoss.cache import PromptCache
 from mlx_gptoss.generate import (
     GenerationResult,
@@ -32,6 +32,7 @@ def run(model, prompt, steps, cache=None, processors=(), stop=(), sampler=None):
                                 logits_processors=processors))
 
 
+@pytest.mark.slow
 def test_greedy_tokens_match_transformers(chat_model, chat_checkpoint):
     model, _ = chat_model
     prompt = ids(12, 0)

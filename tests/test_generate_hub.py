@@ -29,6 +29,7 @@ def offline_hub(tmp_path, monkeypatch):
     return tmp_path / "hub"
 
 
+@pytest.mark.slow
 def test_repo_id_is_converted_once_and_reused_offline(chat_checkpoint, offline_hub, tmp_path,
                                                       monkeypatch, capsys):
     put_in_hub_cache(offline_hub, "openai/gpt-oss-tiny", chat_checkpoint)

@@ -5,7 +5,6 @@ import json
 
 import openai_harmony as oh
 import pytest
-from harmony_fixtures import oracle, tok, vocab_file  # noqa: F401
 
 from mlx_gptoss.cli import main
 
@@ -74,8 +73,8 @@ def test_parse_reports_repairs_on_stderr(tmp_path, vocab_file, tok, capsys):
 
 
 @pytest.mark.parametrize("content, args, message", [
-    ('{"messages": [{"role": "robot", "content": "x"}]}', [], "error: message 0: unknown role 'robot'"),
-    ("{nope", [], "error: conversation is not valid JSON"),
+    ('{"messages": [{"role": "robot", "content": "x"}]}', [], "bad.json: message 0: unknown role 'robot'"),
+    ("{nope", [], "bad.json (conversation): not valid JSON"),
     (json.dumps(CONV), ["--next-role", "robot"], "error: unknown role 'robot'"),
 ])
 def test_render_errors_are_one_line(content, args, message, tmp_path, vocab_file, capsys):
@@ -83,12 +82,12 @@ def test_render_errors_are_one_line(content, args, message, tmp_path, vocab_file
     path.write_text(content)
     code, out, err = run(capsys, "harmony", "render", str(path), "--vocab", str(vocab_file), *args)
     assert code == 2 and out == ""
-    assert err.startswith(message) and err.count("\n") == 1
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
 def test_missing_files_and_bad_ids(tmp_path, vocab_file, capsys):
     code, _, err = run(capsys, "harmony", "render", str(tmp_path / "none.json"), "--vocab", str(vocab_file))
-    assert code == 2 and err.startswith("error: cannot read conversation")
+    assert code == 2 and err.startswith("error: ") and "none.json (conversation): not found" in err
     path = tmp_path / "ids.json"
     path.write_text('[1, "two"]')
     code, _, err = run(capsys, "harmony", "parse", str(path), "--vocab", str(vocab_file))

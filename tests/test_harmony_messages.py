@@ -21,6 +21,7 @@ from mlx_gptoss.harmony import (
 )
 
 
+@pytest.mark.slow
 @examples(150)
 @given(conv=conversation())
 def test_json_round_trips_with_the_oracle(conv):

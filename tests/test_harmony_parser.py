@@ -6,7 +6,7 @@ import json
 
 import openai_harmony as oh
 import pytest
-from harmony_fixtures import chat_message, conversation, examples, oracle, tok, vocab_file  # noqa: F401
+from harmony_fixtures import chat_message, conversation, examples
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -111,6 +111,7 @@ assistant_message = chat_message().map(lambda m: Message(Author(Role.ASSISTANT),
 # --------------------------------------------------------------------------- strict = oracle
 
 
+@pytest.mark.slow
 @HYPOTHESIS
 @given(conv=conversation())
 def test_strict_parses_rendered_conversations_like_the_oracle(conv, tok, oracle):
@@ -122,6 +123,7 @@ def test_strict_parses_rendered_conversations_like_the_oracle(conv, tok, oracle)
         assert json.loads(json.dumps([m.to_dict() for m in parser.messages])) == theirs
 
 
+@pytest.mark.slow
 @HYPOTHESIS
 @given(messages=st.lists(assistant_message, min_size=1, max_size=4))
 def test_strict_parses_completions_like_the_oracle(messages, tok, oracle):
@@ -200,6 +202,7 @@ def token_stream(draw, tok):
     return [t for c in chunks for t in c]
 
 
+@pytest.mark.slow
 @HYPOTHESIS
 @given(data=st.data())
 def test_random_streams_lenient_never_raises_strict_agrees(data, tok, oracle):
@@ -209,6 +212,7 @@ def test_random_streams_lenient_never_raises_strict_agrees(data, tok, oracle):
     assert_strict_agrees(tok, oracle, tokens, role)
 
 
+@pytest.mark.slow
 @HYPOTHESIS
 @given(messages=st.lists(assistant_message, min_size=1, max_size=3), data=st.data())
 def test_truncations_and_header_corruptions(messages, data, tok, oracle):

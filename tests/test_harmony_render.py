@@ -5,7 +5,7 @@ import json
 
 import openai_harmony as oh
 import pytest
-from harmony_fixtures import conversation, examples, oracle, to_oracle, tok, vocab_file  # noqa: F401
+from harmony_fixtures import conversation, examples, to_oracle
 from hypothesis import given
 
 from mlx_gptoss.errors import HarmonyError
@@ -310,6 +310,7 @@ def test_unknown_next_role(tok):
 # --------------------------------------------------------------------------- property-based corpus
 
 
+@pytest.mark.slow
 @HYPOTHESIS
 @given(conv=conversation())
 def test_random_conversations_render_like_the_oracle(conv, tok, oracle):

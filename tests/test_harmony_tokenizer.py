@@ -7,7 +7,7 @@ import os
 import urllib.request
 
 import pytest
-from harmony_fixtures import examples, oracle, text, tok, vocab_file  # noqa: F401
+from harmony_fixtures import examples, text
 from hypothesis import given
 
 from mlx_gptoss.errors import HarmonyError, VocabularyError
@@ -24,6 +24,7 @@ def no_sources(monkeypatch, tmp_path):
     monkeypatch.setenv("MLX_GPTOSS_CACHE", str(tmp_path / "our-cache"))
     monkeypatch.setenv("MLX_GPTOSS_OFFLINE", "1")
     monkeypatch.setattr(T, "_packaged_copy", lambda: None)
+    monkeypatch.setattr(T, "_has_packaged_copy", lambda: False)  # what the messages say
     return tmp_path
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import openai_harmony as oh
 import pytest
-from harmony_fixtures import examples, float_value, json_schema, json_value, oracle, tok, vocab_file  # noqa: F401
+from harmony_fixtures import examples, float_value, json_schema, json_value
 from hypothesis import given
 
 from mlx_gptoss.harmony import DeveloperContent, Message, Role, ToolDescription, render_message
@@ -95,12 +95,14 @@ def test_tool_description_lines(tok, oracle):
         assert ours == theirs, description
 
 
+@pytest.mark.slow
 @HYPOTHESIS
 @given(schema=json_schema)
 def test_random_schemas_render_like_the_oracle(schema, tok, oracle):
     check({"type": "object", "properties": {"p": schema}} if not isinstance(schema, dict) else schema, tok, oracle)
 
 
+@pytest.mark.slow
 @examples(300)
 @given(value=json_value)
 def test_defaults_print_like_serde_json(value):
@@ -111,6 +113,7 @@ def test_defaults_print_like_serde_json(value):
     assert json.loads(json_display(value)) == value
 
 
+@pytest.mark.slow
 @HYPOTHESIS
 @given(x=float_value)
 def test_float_defaults_match_the_oracle(x, tok, oracle):

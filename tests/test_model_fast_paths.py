@@ -17,7 +17,7 @@ from mlx_gptoss.model import Attention, attention_mask, prefill
 
 
 @pytest.fixture(scope="module")
-def model(checkpoint_factory):
+def tiny_model(checkpoint_factory):
     m, _ = load_model(checkpoint_factory("tiny"), "float32")
     return m
 
@@ -27,21 +27,21 @@ def tokens(n: int, seed: int = 0) -> mx.array:
 
 
 @pytest.mark.parametrize("total,chunk", [(1, 4), (7, 7), (30, 8), (31, 8), (45, 16), (45, 64)])
-def test_prefill_logits_equal_the_full_forward(model, total, chunk):
+def test_prefill_logits_equal_the_full_forward(tiny_model, total, chunk):
     t = tokens(total, seed=total)
-    full = np.array(model(t)[:, -1, :])
-    got = np.array(prefill(model, t, model.make_cache(), chunk_size=chunk))
+    full = np.array(tiny_model(t)[:, -1, :])
+    got = np.array(prefill(tiny_model, t, tiny_model.make_cache(), chunk_size=chunk))
     np.testing.assert_allclose(got, full, atol=1e-4, rtol=1e-4)
 
 
-def test_prefill_rejects_an_empty_prompt(model):
+def test_prefill_rejects_an_empty_prompt(tiny_model):
     with pytest.raises(ValueError):
-        prefill(model, mx.zeros((1, 0), mx.int32), model.make_cache())
+        prefill(tiny_model, mx.zeros((1, 0), mx.int32), tiny_model.make_cache())
 
 
-def test_window_blocks_equal_one_masked_call(model):
+def test_window_blocks_equal_one_masked_call(tiny_model):
     """Blocks of `window` queries == one call over all keys with the window mask."""
-    attn = next(layer.self_attn for layer in model.layers if layer.sliding)
+    attn = next(layer.self_attn for layer in tiny_model.layers if layer.sliding)
     window = attn.window
     rng = np.random.default_rng(1)
     for history, t in [(0, 3 * window + 2), (window - 1, 2 * window + 1), (5, window + 1)]:
@@ -72,8 +72,8 @@ def decode_both_ways(block, x: mx.array, offset: int) -> tuple[np.ndarray, np.nd
     return np.array(compiled), np.array(block._outputs(x, attended))
 
 
-def test_compiled_decode_step_equals_the_plain_one(model):
-    block = next(layer for layer in model.layers if not layer.sliding)
+def test_compiled_decode_step_equals_the_plain_one(tiny_model):
+    block = next(layer for layer in tiny_model.layers if not layer.sliding)
     for seed, offset in [(0, 3), (1, 17), (2, 40)]:
         x = mx.array(np.random.default_rng(seed).standard_normal((1, 1, 64), dtype=np.float32))
         compiled, plain = decode_both_ways(block, x, offset)
@@ -94,13 +94,13 @@ def test_compiled_decode_step_sees_new_weights(checkpoint_factory):
     np.testing.assert_allclose(compiled, plain, atol=1e-5)
 
 
-def test_attention_uses_blocks_only_beyond_the_window(model, monkeypatch):
+def test_attention_uses_blocks_only_beyond_the_window(tiny_model, monkeypatch):
     calls = []
     original = Attention._windowed
     monkeypatch.setattr(Attention, "_windowed",
                         lambda self, *a: calls.append(a[0].shape[2]) or original(self, *a))
-    window = model.config.sliding_window
-    model(tokens(window))
+    window = tiny_model.config.sliding_window
+    tiny_model(tokens(window))
     assert calls == []
-    model(tokens(window + 1))
+    tiny_model(tokens(window + 1))
     assert calls and all(n == window + 1 for n in calls)

@@ -111,12 +111,14 @@ def test_tools_file(tmp_path):
         '[{"name": "has space"}]': "invalid function name",
         '[{"name": "f", "parameters": []}]': "'parameters' must be a JSON Schema object",
         '[{"name": "f", "description": 3}]': "'description' must be a string",
+        # A registry keeps one tool per name: the second must not silently replace the first.
+        '[{"name": "f"}, {"name": "g"}, {"name": "f"}]': "tools 0 and 2 are both named 'f'",
     }
     for text, message in bad.items():
         path.write_text(text)
         with pytest.raises(ToolsFileError, match=message):
             load_tools_file(path)
-    with pytest.raises(ToolsFileError, match="cannot read tools file"):
+    with pytest.raises(ToolsFileError, match=r"missing\.json \(tools file\): not found"):
         load_tools_file(tmp_path / "missing.json")
 
 
@@ -144,9 +146,9 @@ def test_python_state_persists_and_runs_elsewhere(python):
     worker_pid = int(python.run("import os; os.getpid()"))
     assert worker_pid not in (os.getpid(), os.getppid())
     cwd = python.run("os.getcwd()").strip().strip("'")
-    assert cwd == python.workdir and cwd != os.getcwd()
+    assert cwd == python.model_workdir and python.workdir != os.getcwd()
     assert python.run("open('f.txt', 'w').write('hi')") == "2\n"
-    assert os.path.exists(os.path.join(cwd, "f.txt"))
+    assert os.path.exists(os.path.join(python.workdir, "f.txt"))
     assert python.run("import subprocess; subprocess.run(['echo', 'child'])\nNone") == "child\n"
 
 

@@ -30,6 +30,7 @@ from .parser import (
     TextDelta,
     ToolCall,
     parse_messages,
+    parser_after,
 )
 from .render import (
     RenderConversationConfig,
@@ -58,6 +59,7 @@ __all__ = [
     "SystemContent", "TextContent", "TextDelta", "ToolCall", "ToolDescription",
     "ToolNamespaceConfig", "VOCAB_FILENAME", "VOCAB_SHA256", "copy_vocabulary",
     "developer_text", "dropped_analysis", "find_vocabulary", "load_tokenizer", "parse_messages",
+    "parser_after",
     "render_conversation", "render_conversation_for_completion",
     "render_conversation_for_training", "render_message", "schema_to_typescript", "system_text",
     "validate_conversation", "validate_message",

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Union
 
+from ..env import parse_json
 from ..errors import HarmonyError
+from .constants import CHANNELS
 
 
 class Role(str, Enum):
@@ -32,7 +34,7 @@ class ReasoningEffort(str, Enum):
 
 DEFAULT_IDENTITY = "You are ChatGPT, a large language model trained by OpenAI."
 DEFAULT_KNOWLEDGE_CUTOFF = "2024-06"
-DEFAULT_CHANNELS = ("analysis", "commentary", "final")
+DEFAULT_CHANNELS = CHANNELS
 
 
 @dataclass
@@ -76,13 +78,20 @@ class ToolNamespaceConfig:
     tools: list[ToolDescription] = field(default_factory=list)
     description: str | None = None
 
+    # openai-harmony's constructors for the trained built-in namespaces. The text belongs to
+    # the tools (mlx_gptoss.tools), which render what they really do; these return the
+    # trained defaults, as the oracle does.
     @staticmethod
     def browser() -> "ToolNamespaceConfig":
-        return _browser_namespace()
+        from ..tools.browser import browser_namespace
+
+        return browser_namespace()
 
     @staticmethod
     def python() -> "ToolNamespaceConfig":
-        return _python_namespace()
+        from ..tools.python import trained_namespace
+
+        return trained_namespace()
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name}
@@ -328,12 +337,15 @@ class Conversation:
         return conversation
 
     @classmethod
-    def from_json(cls, payload: str | bytes) -> "Conversation":
+    def from_json(cls, payload: str | bytes, what: str | None = None) -> "Conversation":
+        """Parse openai-harmony's JSON; errors start with `what` (the file's name, say)."""
+        data = parse_json(payload, what or "conversation", error=HarmonyError)
         try:
-            data = json.loads(payload)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise HarmonyError(f"conversation is not valid JSON: {e}") from None
-        return cls.from_dict(data)
+            return cls.from_dict(data)
+        except HarmonyError as e:
+            if what is None:
+                raise
+            raise HarmonyError(f"{what}: {e}") from None
 
 
 # --------------------------------------------------------------------------- reading JSON
@@ -505,75 +517,3 @@ def validate_message(message: Message, index: int | None = None) -> None:
 def validate_conversation(conversation: Conversation | list[Message]) -> None:
     for i, message in enumerate(conversation):
         validate_message(message, i)
-
-
-# --------------------------------------------------------------------------- built-in tools
-# The browser and python namespaces the gpt-oss models were trained with; the text must stay
-# exactly as it is (the tests compare it with openai-harmony's).
-
-_BROWSER_DESCRIPTION = "\n".join([
-    "Tool for browsing.",
-    "The `cursor` appears in brackets before each browsing display: `[{cursor}]`.",
-    "Cite information from the tool using the following format:",
-    "`\u3010{cursor}\u2020L{line_start}(-L{line_end})?\u3011`, for example: "
-    "`\u30106\u2020L9-L11\u3011` or `\u30108\u2020L3\u3011`.",
-    "Do not quote more than 10 words directly from the tool output.",
-    "sources=web (default: web)",
-])
-
-_BROWSER_OPEN_DESCRIPTION = "\n".join([
-    "Opens the link `id` from the page indicated by `cursor` starting at line number `loc`, "
-    "showing `num_lines` lines.",
-    "Valid link ids are displayed with the formatting: `\u3010{id}\u2020.*\u3011`.",
-    "If `cursor` is not provided, the most recent page is implied.",
-    "If `id` is a string, it is treated as a fully qualified URL associated with `source`.",
-    "If `loc` is not provided, the viewport will be positioned at the beginning of the document "
-    "or centered on the most relevant passage, if available.",
-    "Use this function without `id` to scroll to a new location of an opened page.",
-])
-
-_PYTHON_DESCRIPTION = (
-    "Use this tool to execute Python code in your chain of thought. The code will not be shown "
-    "to the user. This tool should be used for internal reasoning, but not for code that is "
-    "intended to be visible to the user (e.g. when creating plots, tables, or files).\n\n"
-    "When you send a message containing Python code to python, it will be executed in a "
-    "stateful Jupyter notebook environment. python will respond with the output of the "
-    "execution or time out after 120.0 seconds. The drive at '/mnt/data' can be used to save "
-    "and persist user files. Internet access for this session is UNKNOWN. Depends on the cluster."
-)
-
-
-def _object(properties: dict, required: list[str] | None = None) -> dict:
-    schema: dict = {"type": "object", "properties": properties}
-    if required is not None:
-        schema["required"] = required
-    return schema
-
-
-def _browser_namespace() -> ToolNamespaceConfig:
-    number_default = {"type": "number", "default": -1}
-    return ToolNamespaceConfig("browser", [
-        ToolDescription(
-            "search",
-            "Searches for information related to `query` and displays `topn` results.",
-            _object({"query": {"type": "string"}, "topn": {"type": "number", "default": 10},
-                     "source": {"type": "string"}}, ["query"]),
-        ),
-        ToolDescription("open", _BROWSER_OPEN_DESCRIPTION, _object({
-            "id": {"type": ["number", "string"], "default": -1},
-            "cursor": dict(number_default),
-            "loc": dict(number_default),
-            "num_lines": dict(number_default),
-            "view_source": {"type": "boolean", "default": False},
-            "source": {"type": "string"},
-        })),
-        ToolDescription(
-            "find",
-            "Finds exact matches of `pattern` in the current page, or the page given by `cursor`.",
-            _object({"pattern": {"type": "string"}, "cursor": dict(number_default)}, ["pattern"]),
-        ),
-    ], _BROWSER_DESCRIPTION)
-
-
-def _python_namespace() -> ToolNamespaceConfig:
-    return ToolNamespaceConfig("python", [], _PYTHON_DESCRIPTION)

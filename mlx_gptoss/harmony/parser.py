@@ -25,8 +25,10 @@ from enum import Enum
 from typing import Iterable, Union
 
 from ..errors import HarmonyError
+from .constants import (FINAL, STOP_CALL, STOP_END, STOP_RECOVERED, STOP_RETURN,
+                        STOP_STREAM_END)
 from .messages import Author, Message, Role, TextContent
-from .tokenizer import VOCAB_SIZE, HarmonyTokenizer, load_tokenizer
+from .tokenizer import HarmonyTokenizer, load_tokenizer
 
 CHANNEL_MARK = "<|channel|>"
 CONSTRAIN_MARK = "<|constrain|>"
@@ -63,7 +65,8 @@ class TextDelta:
 
 @dataclass(frozen=True)
 class MessageEnd:
-    """`stop` is the closing token's name: "end", "call", "return", "eos" or "recovered"."""
+    """`stop` is the closing token's name ("end", "call", "return"), "stream_end" when the
+    tokens ran out mid-message, or "recovered" (see harmony/constants.py)."""
 
     index: int
     message: Message
@@ -251,9 +254,15 @@ class StreamParser:
         self.text_parts: list[str] = []
         self.pending = b""
         self.last_delta: str | None = None
+        # Where the open (or last) message's content starts in `tokens`, and the index of the
+        # token that closed it (len(tokens) for end of stream; None while open): lets a logits
+        # processor bound to this parser find a message's content tokens without parsing again.
+        self.content_start = 0
+        self.content_stop: int | None = None
+        self._position = 0  # index in `tokens` of the token being read (len(tokens) at finish)
         self._events: list[Event] = []
         tok = self.tok
-        self._stops = {tok.end: "end", tok.call: "call", tok.return_: "return"}
+        self._stops = {tok.end: STOP_END, tok.call: STOP_CALL, tok.return_: STOP_RETURN}
 
     # ----------------------------------------------------------------- public API
 
@@ -261,8 +270,9 @@ class StreamParser:
         """Process one token; return the events it caused."""
         self._events = []
         token = _as_id(token)
+        self._position = len(self.tokens)
         self.tokens.append(token)
-        if token is None or not 0 <= token < VOCAB_SIZE:
+        if token is None or not 0 <= token < self.tok.vocab_size:
             self._fail(f"token {token!r} is outside the vocabulary")
             self._recover(f"dropped token id {token!r} outside the vocabulary")
             return self._events
@@ -283,6 +293,7 @@ class StreamParser:
     def finish(self) -> list[Event]:
         """End of stream: close the open message (or repair/raise for an open header)."""
         self._events = []
+        self._position = len(self.tokens)
         self._eos()
         return self._events
 
@@ -340,7 +351,7 @@ class StreamParser:
             self._begin_header(Role.ASSISTANT, [token], headless=True)
         elif token == tok.message:
             self._recover("<|message|> without a header: assumed an assistant message")
-            self._open(Header(Author(Role.ASSISTANT), "final"))
+            self._open(Header(Author(Role.ASSISTANT), FINAL))
         elif tok.is_special(token):
             self._recover(f"ignored stray {self._name(token)} between messages")
         else:
@@ -390,12 +401,13 @@ class StreamParser:
             stripped = stripped[len(word):]
         role = role or Role.ASSISTANT
         if channel is None and role is Role.ASSISTANT:
-            channel = "final"
+            channel = FINAL
         return Header(Author(role), channel), stripped.lstrip(_UNICODE_WS)
 
     def _header_as_text(self, stop: str) -> None:
-        closer = "end of stream" if stop == "eos" else f"<|{stop}|>"
-        if not self.header_tokens and self.next_role is None:
+        closer = "end of stream" if stop == STOP_STREAM_END else f"<|{stop}|>"
+        # Nothing at all after the role (an empty completion) is no message, not an empty one.
+        if not self.header_tokens and (self.next_role is None or stop == STOP_STREAM_END):
             self._recover(f"empty header closed by {closer}: ignored")
             self.state = State.EXPECT_START
             return
@@ -448,6 +460,8 @@ class StreamParser:
         self.headless = False
         self.text_parts = []
         self.pending = b""
+        self.content_start = len(self.tokens)
+        self.content_stop = None
         self._events.append(MessageStart(len(self.messages), header.author, header.channel,
                                          header.recipient, header.content_type))
 
@@ -459,12 +473,12 @@ class StreamParser:
             self._add_bytes(tok.token_bytes(token))
         elif token == tok.start:
             self._recover("<|start|> inside a message: closed the message")
-            self._close("recovered")
+            self._close(STOP_RECOVERED)
             self._begin_header(None, [])
         elif token == tok.channel:
             role = self.header.author.role
             self._recover("<|channel|> inside a message: closed it and started a new one")
-            self._close("recovered")
+            self._close(STOP_RECOVERED)
             self._begin_header(role, [token])
         else:
             self._recover(f"ignored stray {self._name(token)} inside a message")
@@ -494,17 +508,18 @@ class StreamParser:
             self._delta(self.pending.decode("utf-8", "replace"))
         self.last_delta = None
         h = self.header
+        self.content_stop = max(self._position, self.content_start)
         message = Message(h.author, [TextContent("".join(self.text_parts))], h.channel,
                           h.recipient, h.content_type)
         index = len(self.messages)
         self.messages.append(message)
         self._events.append(MessageEnd(index, message, stop))
-        if stop == "call":
+        if stop == STOP_CALL:
             if message.recipient is None:
                 self._recover("<|call|> closed a message without a recipient")
             else:
                 self._events.append(ToolCall(index, message))
-        elif stop == "return":
+        elif stop == STOP_RETURN:
             self._events.append(AnswerDone(index, message))
         self.state = State.EXPECT_START
         self.header = None
@@ -513,11 +528,11 @@ class StreamParser:
 
     def _eos(self) -> None:
         if self.state is State.CONTENT:
-            self._close("eos")
+            self._close(STOP_STREAM_END)
         elif self.state is State.HEADER:
             self._fail("the stream ended inside a message header",
                        f"end of stream after {len(self.tokens)} tokens")
-            self._header_as_text("eos")
+            self._header_as_text(STOP_STREAM_END)
             self.state = State.EXPECT_START
 
 
@@ -532,3 +547,22 @@ def parse_messages(tokens: Iterable[int], role: Role | None = Role.ASSISTANT, *,
     parser.feed_all(tokens)
     parser.finish()
     return parser.messages
+
+
+def parser_after(prompt: Iterable[int], tokenizer: HarmonyTokenizer | None = None) -> StreamParser:
+    """A lenient parser for what is generated after `prompt`.
+
+    Only the prompt's last message can still be open, so the parser reads from its last
+    `<|start|>`: a prompt ending `<|start|>assistant` leaves it in that header, one ending
+    `...<|channel|>final<|message|>` leaves it inside the final message, so the generated
+    tokens are read as that message's content. Without `<|start|>` the prompt is taken to
+    continue an assistant header (the completion convention).
+    """
+    prompt = [int(t) for t in prompt]
+    parser = StreamParser(tokenizer, Role.ASSISTANT)
+    start = parser.tok.start
+    if start in prompt:
+        prompt = prompt[len(prompt) - 1 - prompt[::-1].index(start):]
+        parser = StreamParser(parser.tok, None)
+    parser.feed_all(prompt)
+    return parser

