@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import sys
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -17,7 +18,9 @@ import numpy as np
 from mlx_gptoss import distributed
 from mlx_gptoss.cache import PromptCache
 from mlx_gptoss.generate import GenerationStats, generate_tokens
-from mlx_gptoss.loading import load_model
+from mlx_gptoss.engine import batch_generate
+from mlx_gptoss.errors import DistributedError
+from mlx_gptoss.loading import load_model, load_tokenizer_for
 from mlx_gptoss.sampling import SamplingParams, make_sampler
 
 # Longer than the sliding window (8), and 20 x 4 (token, expert) pairs: the sorted expert path.
@@ -44,9 +47,11 @@ def main(model_dir: str, parallel: str, out: str) -> None:
     lines: list[str] = []
     if parallel == "single":
         model, _ = load_model(model_dir, "float32")
+        tokenizer = load_tokenizer_for(Path(model_dir))
         rank = 0
     else:
-        model, _ = distributed.load(model_dir, "float32", parallel=parallel, log=lines.append)
+        model, tokenizer = distributed.load(model_dir, "float32", parallel=parallel,
+                                            log=lines.append)
         rank = mx.distributed.init().rank()
     gc.collect()
     resident = mx.get_active_memory()  # every buffer this rank holds, views' owners included
@@ -61,12 +66,17 @@ def main(model_dir: str, parallel: str, out: str) -> None:
         synced = generate_tokens(model, PROMPT, max_tokens=STEPS, sampler=distributed.
                                  synchronized_sampler(make_sampler(SEEDED), group))
         synced = list(synced)
+        try:  # the batched engine: rows of different lengths in one step
+            batch = [r.tokens for r in batch_generate(model, tokenizer, [PROMPT, PROMPT[:9]],
+                                                      max_tokens=STEPS, temperature=0)]
+        except DistributedError as e:
+            batch = str(e)
     expert_bytes = sum(v.nbytes for k, v in _parameters(model) if ".mlp.experts." in k)
     np.save(out + ".logits.npy", np.array(logits))
     with open(out, "w") as f:
         json.dump({"rank": rank, "resident_bytes": resident,
                    "parameter_bytes": sum(v.nbytes for _, v in _parameters(model)),
-                   "greedy": greedy, "request": request, "synced": synced, "seeded": seeded, "unseeded": unseeded,
+                   "greedy": greedy, "request": request, "synced": synced, "batch": batch, "seeded": seeded, "unseeded": unseeded,
                    "expert_bytes": expert_bytes, "load_line": lines}, f)
 
 

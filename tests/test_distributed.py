@@ -108,6 +108,11 @@ def test_ranks_match_one_process(parallel, n, dist_checkpoint, single, tmp_path)
         assert r["request"] == single["request"] == {"prompt": PROMPT, "sampling": {
             "temperature": 0.7}, "text": "héllo"}
         assert r["synced"] == single["seeded"]["tokens"][0]
+        if parallel == "expert":  # the batched engine's rows: as one process
+            assert r["batch"] == single["batch"]
+        else:
+            assert r["batch"].startswith("the batched engine does not run pipeline stages")
+    assert single["batch"][0] == single["greedy"]["tokens"][0]
     # Each rank's line, its share, and what it actually holds in memory.
     total_experts, total_layers = DIST_CONFIG["num_local_experts"], DIST_CONFIG["num_hidden_layers"]
     expected_counts = split_evenly(total_experts if parallel == "expert" else total_layers, n)
