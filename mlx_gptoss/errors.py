@@ -29,6 +29,10 @@ class HarmonyError(GptOssError):
     """A conversation or token stream breaks the harmony format."""
 
 
+class DistributedError(GptOssError):
+    """The distributed group cannot be formed or split as asked, or a peer rank was lost."""
+
+
 class SchemaError(GptOssError):
     """A JSON Schema for constrained output is invalid, or cannot be compiled to a constraint."""
 

@@ -82,8 +82,8 @@ def _download(repo_id: str, progress: bool) -> Path:
 
 
 def load(model: str | os.PathLike, dtype: str | mx.Dtype | None = None, *,
-         adapter: str | os.PathLike | None = None, progress: bool = True
-         ) -> tuple[Model, Any]:
+         adapter: str | os.PathLike | None = None, progress: bool = True,
+         shard: Any = None) -> tuple[Model, Any]:
     """`(model, tokenizer)` for a model directory or hub repo id.
 
     The model's `sampling_defaults` and `generation_config` (eos ids: see
@@ -92,10 +92,11 @@ def load(model: str | os.PathLike, dtype: str | mx.Dtype | None = None, *,
     depends on the device: float32 activations on the CPU (much faster there; the vocabulary
     matrices stay bf16), the checkpoint's bf16 on a GPU (see `loading.resolve_dtype`).
     `adapter`: a LoRA adapter directory (PEFT's `adapter_config.json` +
-    `adapter_model.safetensors`), applied unfused.
+    `adapter_model.safetensors`), applied unfused. `shard`: one distributed rank's share
+    (`distributed.load` passes it).
     """
     path = resolve_model(model, progress=progress)
-    net, tokenizer = load_dir(path, dtype, adapter)
+    net, tokenizer = load_dir(path, dtype, adapter, shard)
     net.generation_config = load_generation_config(path, net.config)
     net.sampling_defaults = SamplingParams.from_model_dir(path)
     net.model_dir = path

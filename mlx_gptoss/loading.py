@@ -48,9 +48,10 @@ def resolve_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype:
     return names[dtype]
 
 
-def build_model(cfg: ModelConfig) -> Model:
-    """The module graph for `cfg`, with the converter's quantization applied if it recorded one."""
-    model = Model(cfg)
+def build_model(cfg: ModelConfig, model: Model | None = None) -> Model:
+    """The module graph for `cfg` (or `model`, e.g. a pipeline stage), with the converter's
+    quantization applied if it recorded one."""
+    model = Model(cfg) if model is None else model
     q = cfg.quantization
     if q is not None:
         wanted = [QUANTIZABLE_MODULES[m] for m in q.modules]
@@ -62,8 +63,12 @@ def build_model(cfg: ModelConfig) -> Model:
     return model
 
 
-def load_model(path: str | Path, dtype: str | mx.Dtype | None = None) -> tuple[Model, str]:
-    """The model alone, and the checkpoint format it was read from."""
+def load_model(path: str | Path, dtype: str | mx.Dtype | None = None,
+               shard: Any = None) -> tuple[Model, str]:
+    """The model alone, and the checkpoint format it was read from.
+
+    `shard` (a `distributed.Shard`) builds one rank's share instead, and reads only its
+    tensors: `shard.experts` rows of the expert tensors, those `shard.local_name` keeps."""
     path = Path(path)
     if not path.is_dir():
         raise GptOssError(f"{path}: model directory not found")
@@ -74,13 +79,16 @@ def load_model(path: str | Path, dtype: str | mx.Dtype | None = None) -> tuple[M
     # vocabulary matrices keep the checkpoint's dtype: half the memory, and MLX's CPU
     # matrix-vector product is faster in bf16 than through its reference float32 BLAS.
     keep = _VOCAB_MATRICES if dtype is None and compute == mx.float32 else frozenset()
-    fmt, tensors = canonical_tensors(path, cfg, raw)
+    fmt, tensors = canonical_tensors(path, cfg, raw,
+                                     experts=shard.experts if shard is not None else None)
     weights = []
     for name, value in tensors:
+        if shard is not None and (name := shard.local_name(name)) is None:
+            continue  # another rank's layer: never read
         if mx.issubdtype(value.dtype, mx.floating) and name not in keep:
             value = value.astype(compute)
         weights.append((name, value))
-    model = build_model(cfg)
+    model = shard.build(cfg) if shard is not None else build_model(cfg)
     model.load_weights(weights, strict=True)
     if keep:
         model.activation_dtype = compute
@@ -93,15 +101,16 @@ def load_model(path: str | Path, dtype: str | mx.Dtype | None = None) -> tuple[M
 
 
 def load(path: str | Path, dtype: str | mx.Dtype | None = None,
-         adapter: str | Path | None = None) -> tuple[Model, Any]:
+         adapter: str | Path | None = None, shard: Any = None) -> tuple[Model, Any]:
     """Load a gpt-oss model directory: returns `(model, tokenizer)`.
 
     `dtype` sets the compute dtype of the non-quantized weights and so of the activations
     (e.g. "float32"); the default is float32 activations on the CPU (vocabulary matrices kept
     in bf16) and bf16 on a GPU (see `resolve_dtype`). MXFP4 experts stay packed. `adapter` is
-    a LoRA adapter directory (PEFT's format, see `lora.py`) applied unfused.
+    a LoRA adapter directory (PEFT's format, see `lora.py`) applied unfused. `shard`: see
+    `load_model` (`distributed.load` passes it).
     """
-    model, _ = load_model(path, dtype)
+    model, _ = load_model(path, dtype, shard)
     if adapter is not None:
         from .lora import load_adapter
 

@@ -337,8 +337,12 @@ class Model(nn.Module):
         checkpoint for training (see `train.py`), which also computes its loss by chunks of
         these activations instead of the full logits.
         """
-        x = self.embed(inputs)
-        t = inputs.shape[1]
+        return self.model.norm(self.run_layers(self.embed(inputs), cache, last_only, wrap_layer))
+
+    def run_layers(self, x: mx.array, cache: list | None, last_only: bool,
+                   wrap_layer: Callable | None = None) -> mx.array:
+        """The blocks over activations `x [B, T, H]` (a pipeline stage overrides this)."""
+        t = x.shape[1]
         caches = cache if cache is not None else [None] * len(self.layers)
         masks: dict[bool, object] = {}
         last = len(self.layers) - 1
@@ -350,7 +354,7 @@ class Model(nn.Module):
                 masks[layer.sliding] = attention_mask(t, offset, history, window)
             run = layer if wrap_layer is None else wrap_layer(layer)
             x = run(x, masks[layer.sliding], layer_cache, last_only and i == last)
-        return self.model.norm(x)
+        return x
 
     def step_rows(self, tokens: mx.array, caches: Sequence[Sequence[Any]]) -> mx.array:
         """The next-token logits `[B, vocab]` of `B` sequences, each one token `tokens[b]` on

@@ -32,6 +32,7 @@ class TensorInfo:
     dtype: str  # safetensors name, e.g. "BF16"
     shape: tuple[int, ...]
     file: Path
+    offset: int = 0  # where the tensor's bytes start in `file`
 
     @property
     def nbytes(self) -> int:
@@ -71,7 +72,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             raise CheckpointError(f"{path}: malformed header entry for {name}") from None
         if not isinstance(dtype, str) or dtype not in DTYPES:
             raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype}")
-        info = TensorInfo(name, dtype, shape, path)
+        info = TensorInfo(name, dtype, shape, path, 8 + n + start)
         if end - start != info.nbytes:
             raise CheckpointError(f"{path}: tensor {name} size does not match its shape")
         if end > data_size:
@@ -174,6 +175,33 @@ def open_tensor_dir(path: Path) -> dict[str, TensorInfo]:
     for file in files:
         out.update(read_header(file))
     return out
+
+
+def read_rows(info: TensorInfo, start: int, stop: int) -> mx.array:
+    """Rows `start:stop` of a tensor's first axis, reading only their bytes from disk.
+
+    Slicing a tensor from `mx.load` would read (and keep alive) the whole tensor; a rank of a
+    distributed model needs only its experts' rows, which are contiguous on disk.
+    """
+    if not 0 <= start <= stop <= info.shape[0]:
+        raise CheckpointError(f"{info.file}: rows {start}:{stop} outside tensor {info.name} "
+                              f"of shape {list(info.shape)}")
+    row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
+    raw = DTYPES[info.dtype] if info.dtype != "BF16" else mx.uint16
+    dtype = np.dtype(_NUMPY_NAMES[raw])
+    try:
+        with open(info.file, "rb") as f:
+            f.seek(info.offset + start * row_bytes)
+            data = np.fromfile(f, dtype=dtype, count=(stop - start) * row_bytes // dtype.itemsize)
+    except OSError as e:
+        raise CheckpointError(f"{info.file}: cannot read ({e.strerror})") from None
+    rows = mx.array(data.reshape((stop - start, *info.shape[1:])))
+    return rows.view(mx.bfloat16) if info.dtype == "BF16" else rows
+
+
+_NUMPY_NAMES = {mx.float16: "<f2", mx.float32: "<f4", mx.uint8: "u1", mx.int8: "i1",
+                mx.uint16: "<u2", mx.int16: "<i2", mx.uint32: "<u4", mx.int32: "<i4",
+                mx.int64: "<i8", mx.uint64: "<u8", mx.bool_: "?"}
 
 
 class LazyTensors:

@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 import typer
 
+from ..distributed import rank_zero_command
 from ..env import user_cache_dir
 from ..errors import GptOssError
 from . import interrupts
@@ -33,6 +34,7 @@ from .generate import (
     MAX_TOKENS,
     MAX_TOOL_ROUNDS,
     MIN_P,
+    PARALLEL,
     PYTHON,
     PYTHON_AUTO,
     PYTHON_UNSAFE,
@@ -269,6 +271,7 @@ def _loop(chat, display: Display, stdin, interactive: bool, next_line) -> None:
             print("\n[interrupted: this turn was discarded]", file=sys.stderr)
 
 
+@rank_zero_command
 def chat(
     model: str = model_option(),
     reasoning_effort: str = EFFORT,
@@ -293,6 +296,7 @@ def chat(
     max_reasoning_tokens: Optional[int] = MAX_REASONING_TOKENS,
     dtype: Optional[str] = DTYPE,
     adapter: Optional[Path] = ADAPTER,
+    parallel: str = PARALLEL,
     load_file: Optional[Path] = typer.Option(None, "--load", help="Start from a saved chat."),
     stats: Optional[bool] = STATS,
     verbose: bool = VERBOSE,
@@ -306,7 +310,8 @@ def chat(
                         confirm_code=None if python_auto else _ask_to_run,
                         browser=browser, browser_search=browser_search,
                         browser_allow_private=browser_allow_private,
-                        max_reasoning_tokens=max_reasoning_tokens, adapter=adapter)
+                        max_reasoning_tokens=max_reasoning_tokens, adapter=adapter,
+                        parallel=parallel)
     if load_file is not None:
         session.load(load_file)
     display = Display(session.tokenizer, show_reasoning=show_reasoning, verbose=verbose,

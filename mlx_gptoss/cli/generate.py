@@ -17,6 +17,7 @@ import typer
 
 from ..defaults import (DEFAULT_MAX_TOKENS, DEFAULT_REASONING_EFFORT, DEFAULT_TOOL_ROUNDS,
                         REASONING_EFFORTS as EFFORTS)
+from ..distributed import rank_zero_command
 from ..errors import GptOssError
 from ..harmony.constants import (ANALYSIS, FINAL, STOP_CALL, STOP_INVALID_CALL, STOP_LENGTH,
                                  STOP_TOOL_ROUNDS)
@@ -39,14 +40,15 @@ def load_chat(model: str, dtype: Optional[str], *, effort: str, system: Optional
               max_tool_rounds: int, on_tool_call=None, json_schema: Optional[Path] = None,
               python_unsafe: bool = False, confirm_code=None, browser: bool = False,
               browser_search: Optional[str] = None, browser_allow_private: bool = False,
-              max_reasoning_tokens: Optional[int] = None, adapter: Optional[Path] = None):
+              max_reasoning_tokens: Optional[int] = None, adapter: Optional[Path] = None,
+              parallel: str = "auto"):
     """Everything both commands need: loaded model, tools, sampling, a `Chat`.
 
     Every option is checked, and every file read, before the model loads (which can take
     minutes and download gigabytes)."""
     from ..chat import Chat
     from ..constrained import load_json_schema
-    from ..hub import load
+    from ..distributed import load
     from ..tools.functions import load_tools_file
 
     overrides = check_sampling_options(temperature=temperature, top_p=top_p, top_k=top_k,
@@ -61,7 +63,7 @@ def load_chat(model: str, dtype: Optional[str], *, effort: str, system: Optional
     python_tool, browser_tool = builtin_tools(
         python=python, python_unsafe=python_unsafe, confirm_code=confirm_code, browser=browser,
         browser_search=browser_search, browser_allow_private=browser_allow_private)
-    net, tokenizer = load(model, dtype, adapter=adapter)
+    net, tokenizer = load(model, dtype, adapter=adapter, parallel=parallel)
     context = getattr(net.config, "max_position_embeddings", None)
     if context is not None and max_tokens > context:
         raise GptOssError(f"--max-tokens {max_tokens} is more than the model's context length "
@@ -150,6 +152,9 @@ JSON_SCHEMA = typer.Option(None, "--json-schema",
                            help="JSON Schema file: every answer is JSON that validates against it.")
 ADAPTER = typer.Option(None, "--adapter", "--adapter-path",
                        help="LoRA adapter directory (PEFT format, e.g. from `mlx-gptoss lora`).")
+PARALLEL = typer.Option("auto", "--parallel", help=(
+    "Under mlx.launch: expert, pipeline or auto (expert unless there are more ranks than "
+    "experts); counts per rank may follow, e.g. pipeline:10,14. See docs/distributed.md."))
 DTYPE = typer.Option(None, "--dtype",
                      help="Compute dtype (bfloat16, float32...). Default: float32 activations "
                           "on the CPU backend, bfloat16 on a GPU.")
@@ -352,6 +357,7 @@ def continue_conversation(chat, messages: list) -> Any:
 # --------------------------------------------------------------------------- the command
 
 
+@rank_zero_command
 def generate(
     model: str = model_option(),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p",
@@ -378,6 +384,7 @@ def generate(
     max_reasoning_tokens: Optional[int] = MAX_REASONING_TOKENS,
     dtype: Optional[str] = DTYPE,
     adapter: Optional[Path] = ADAPTER,
+    parallel: str = PARALLEL,
     as_json: bool = typer.Option(False, "--json", help="One JSON event per line on stdout."),
     stats: Optional[bool] = STATS,
     verbose: bool = VERBOSE,
@@ -411,7 +418,7 @@ def generate(
                          max_reasoning_tokens=max_reasoning_tokens, adapter=adapter,
                          temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                          seed=seed, max_tokens=max_tokens, max_tool_rounds=max_tool_rounds,
-                         json_schema=json_schema)
+                         json_schema=json_schema, parallel=parallel)
         display = Display(chat.tokenizer, show_reasoning=show_reasoning, as_json=as_json,
                           verbose=verbose, stats=stats, hold_answer=json_schema is not None)
         if history is not None:

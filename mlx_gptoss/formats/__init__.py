@@ -10,7 +10,7 @@ import mlx.core as mx
 
 from ..config import ModelConfig
 from ..errors import CheckpointError
-from ..safetensors_io import LazyTensors, TensorInfo, open_tensor_dir
+from ..safetensors_io import LazyTensors, TensorInfo, open_tensor_dir, read_rows
 from . import dense, hf, mlx_dir, original
 
 CONVERTED_MARKER = "mlx_gptoss"
@@ -43,13 +43,37 @@ def detect_format(path: Path, raw_config: dict, infos: dict[str, TensorInfo]) ->
     raise CheckpointError(f"{path}: unrecognised checkpoint layout (no gpt-oss expert tensors)")
 
 
-def canonical_tensors(path: Path, cfg: ModelConfig, raw_config: dict, streaming: bool = False
+def is_expert_tensor(source_name: str) -> bool:
+    """Whether a source tensor is per-expert (experts along its first axis), in any format."""
+    return ".mlp.experts." in source_name or ".mlp.mlp1_" in source_name \
+        or ".mlp.mlp2_" in source_name
+
+
+class ExpertRows(LazyTensors):
+    """`LazyTensors` whose expert tensors hold only the experts `rows`, read from disk alone
+    (a distributed rank's share); every other tensor is whole."""
+
+    def __init__(self, infos: dict[str, TensorInfo], rows: range):
+        super().__init__(infos)
+        self.rows = rows
+
+    def __getitem__(self, name: str) -> mx.array:
+        if is_expert_tensor(name):
+            return read_rows(self.infos[name], self.rows.start, self.rows.stop)
+        return super().__getitem__(name)
+
+
+def canonical_tensors(path: Path, cfg: ModelConfig, raw_config: dict, streaming: bool = False,
+                      experts: range | None = None
                       ) -> tuple[str, Iterator[tuple[str, mx.array]]]:
     """The detected format and an iterator over (parameter name, lazy array).
 
-    `streaming` keeps no source tensor alive between accesses (see `LazyTensors`)."""
+    `streaming` keeps no source tensor alive between accesses (see `LazyTensors`); `experts`
+    yields expert tensors holding those experts only (see `ExpertRows`)."""
     infos = open_tensor_dir(path)
     fmt = detect_format(path, raw_config, infos)
     module = _MODULES[fmt]
     module.validate(cfg, infos)
-    return fmt, module.to_canonical(cfg, LazyTensors(infos, streaming=streaming))
+    tensors = LazyTensors(infos, streaming=streaming) if experts is None \
+        else ExpertRows(infos, experts)
+    return fmt, module.to_canonical(cfg, tensors)
