@@ -139,15 +139,39 @@ class Attention(nn.Module):
         return mx.concatenate(outs, axis=2)
 
 
+# Most attention scores one quantized-attention call holds at once (elements): long prefill
+# chunks over long contexts go in query blocks, so memory stays O(context), not O(chunk x
+# context x heads) (at 20b's 64 heads, 2048 queries x 32k keys would be 17 GB of float32).
+MAX_SCORES = 1 << 26
+
+
 def quantized_attention(q: mx.array, keys: tuple, values: tuple, scale: float, mask,
-                        sinks: mx.array, group_size: int, bits: int) -> mx.array:
+                        sinks: mx.array, group_size: int, bits: int,
+                        max_scores: int = MAX_SCORES) -> mx.array:
     """Attention of q `[B, Hq, T, d]` over quantized keys/values `(packed, scales, biases)`
     `[B, Hkv, L, ...]`, with each head's sink logit in the softmax denominator.
 
     The query heads are grouped under their kv head (GQA) so the keys are read once per group;
     scores come from `quantized_matmul` on the packed keys, a sink column joins them before
     the softmax and leaves after it, and the weights multiply the packed values. `mask` is
-    what `attention_mask` returns (None, "causal" or a boolean `[T, L]`)."""
+    what `attention_mask` returns (None, "causal" or a boolean `[T, L]`); queries go in blocks
+    of at most `max_scores` scores."""
+    b, n_heads, t, d = q.shape
+    length = keys[0].shape[2]
+    if isinstance(mask, str):  # "causal": the queries are the last t keys
+        mask = mx.arange(length - t, length)[:, None] >= mx.arange(length)[None, :]
+    block = max(1, max_scores // (b * n_heads * length))
+    if t <= block:
+        return _quantized_attention_block(q, keys, values, scale, mask, sinks, group_size, bits)
+    return mx.concatenate([
+        _quantized_attention_block(q[:, :, s:s + block], keys, values, scale,
+                                   None if mask is None else mask[s:s + block], sinks,
+                                   group_size, bits)
+        for s in range(0, t, block)], axis=2)
+
+
+def _quantized_attention_block(q: mx.array, keys: tuple, values: tuple, scale: float, mask,
+                               sinks: mx.array, group_size: int, bits: int) -> mx.array:
     b, n_heads, t, d = q.shape
     n_kv, length = keys[0].shape[1], keys[0].shape[2]
     groups = n_heads // n_kv
@@ -158,8 +182,6 @@ def quantized_attention(q: mx.array, keys: tuple, values: tuple, scale: float, m
 
     scores = mx.quantized_matmul(q, *packed(keys), transpose=True, group_size=group_size,
                                  bits=bits)
-    if isinstance(mask, str):  # "causal": the queries are the last t keys
-        mask = mx.arange(length - t, length)[:, None] >= mx.arange(length)[None, :]
     if mask is not None:
         scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype))
     sink_column = mx.broadcast_to(sinks.reshape(1, n_kv, groups, 1, 1), (b, n_kv, groups, t, 1))
