@@ -121,32 +121,26 @@ def check_kv_quantization(bits: int, group_size: int, head_dim: int) -> None:
             f"got {group_size!r}")
 
 
-class QuantizedKVCache:
+class QuantizedKVCache(KVCache):
     """A full-attention layer's keys and values, quantized (affine, `bits` per element, one
     scale and bias per `group_size` elements of a head's row) as they arrive.
 
     `update_and_fetch` returns `(packed, scales, biases)` triples for keys and for values,
     which `Attention` multiplies in place with `mx.quantized_matmul`: nothing is dequantized,
-    so the cache's memory is what a long context costs. The interface (offset, length, trim,
-    snapshots, fork, nbytes) is `KVCache`'s; only what is stored differs.
+    so the cache's memory is what a long context costs. Positions, trimming and snapshots are
+    `KVCache`'s (only the offset moves); only what is stored differs.
     """
 
-    step = 256
-
     def __init__(self, bits: int = 8, group_size: int = 64) -> None:
+        super().__init__()
         self.bits = bits
         self.group_size = group_size
-        self.keys: tuple[mx.array, mx.array, mx.array] | None = None
-        self.values: tuple[mx.array, mx.array, mx.array] | None = None
-        self.offset = 0
-
-    def _quantize(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        return mx.quantize(x, group_size=self.group_size, bits=self.bits)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         new = keys.shape[2]
         end = self.offset + new
-        qk, qv = self._quantize(keys), self._quantize(values)
+        qk, qv = (mx.quantize(x, group_size=self.group_size, bits=self.bits)
+                  for x in (keys, values))
         if self.keys is None or end > self.keys[0].shape[2]:
             grow = ((new + self.step - 1) // self.step) * self.step
 
@@ -170,11 +164,6 @@ class QuantizedKVCache:
                 tuple(a[..., :end, :] for a in self.values))
 
     @property
-    def length(self) -> int:
-        """How many positions the next call will see before its own."""
-        return self.offset
-
-    @property
     def state(self):
         return () if self.keys is None else self._held(self.offset)
 
@@ -182,26 +171,6 @@ class QuantizedKVCache:
     def state(self, value) -> None:
         self.keys, self.values = (tuple(v) for v in value)
         self.offset = self.keys[0].shape[2]
-
-    def is_trimmable(self) -> bool:
-        return True
-
-    def can_trim(self, n: int) -> bool:
-        return 0 <= n <= self.offset
-
-    def trim(self, n: int) -> int:
-        n = min(self.offset, n)
-        self.offset -= n
-        return n
-
-    def snapshot(self) -> int:
-        """Positions before the snapshot are never overwritten, so the offset suffices."""
-        return self.offset
-
-    def restore(self, snapshot: int) -> None:
-        if snapshot > self.offset:
-            raise ValueError(f"cannot restore position {snapshot} in a cache at {self.offset}")
-        self.offset = snapshot
 
     @property
     def nbytes(self) -> int:
