@@ -236,3 +236,56 @@ def test_memory_estimate_warns_when_the_machine_is_too_small(kvq_model):
     assert "131072 tokens" in est.warning() and "--kv-bits" in est.warning()
     roomy = estimate_memory(kvq_model, 1024, available=1 << 40)
     assert roomy.fits and roomy.warning() is None
+
+
+# --------------------------------------------------------------------------- the CLI option
+
+@pytest.fixture(scope="module")
+def kvq_chat_checkpoint(checkpoint_factory):
+    """A chat model (the real vocabulary, for harmony) whose heads MLX can quantize."""
+    from mlx_gptoss.harmony import copy_vocabulary
+
+    path = checkpoint_factory("kvq_chat", seed=5, vocab_size=201088, num_hidden_layers=2,
+                              head_dim=64)
+    copy_vocabulary(path)
+    return path
+
+
+def test_cli_kv_bits_is_checked(chat_checkpoint, tmp_path, capsys):
+    from cli_runner import cli, one_line
+
+    code, _, err = cli(capsys, "generate", "-m", tmp_path / "nope", "-p", "hi", "--kv-bits", "3")
+    one_line(code, err, "--kv-bits must be one of 4, 8, got 3")
+    code, _, err = cli(capsys, "generate", "-m", chat_checkpoint, "-p", "hi", "--kv-bits", "8",
+                       "--dtype", "float32")  # head_dim 16: no group size MLX supports
+    one_line(code, err, "divide head_dim 16")
+
+
+def test_cli_generate_with_an_8bit_cache(kvq_chat_checkpoint, capsys):
+    from cli_runner import cli
+
+    flags = ["generate", "-m", kvq_chat_checkpoint, "-p", "Hello", "--max-tokens", "12",
+             "--temp", "0", "--dtype", "float32", "--json", "--no-stats"]
+    code, plain, err = cli(capsys, *flags)
+    assert code == 0, err
+    code, quantized, err = cli(capsys, *flags, "--kv-bits", "8")
+    assert code == 0, err
+
+    def events(out: str) -> list[str]:  # every event but the timings
+        return [line for line in out.splitlines() if '"generation_tps"' not in line]
+
+    assert events(quantized) == events(plain) and len(events(plain)) >= 2
+
+
+def test_load_chat_gives_the_chat_a_quantized_cache(kvq_chat_checkpoint):
+    from mlx_gptoss.cli.generate import load_chat
+
+    session = load_chat(str(kvq_chat_checkpoint), "float32", effort="low", system=None,
+                        developer=None, tools=None, python=False, temperature=None, top_p=None,
+                        top_k=None, min_p=None, seed=None, max_tokens=8, max_tool_rounds=1,
+                        kv_bits=4)
+    try:
+        kinds = [type(c) for c in session.cache.layers]
+        assert kinds.count(QuantizedKVCache) == 1 and session.cache.layers[1].bits == 4
+    finally:
+        session.close()

@@ -19,7 +19,8 @@ import typer
 from ..env import user_cache_dir
 from ..errors import GptOssError
 from . import interrupts
-from .generate import (DEVELOPER, DTYPE, EFFORT, EFFORTS, JSON_SCHEMA, MAX_TOKENS, MAX_TOOL_ROUNDS,
+from .generate import (DEVELOPER, DTYPE, EFFORT, EFFORTS, JSON_SCHEMA, KV_BITS, MAX_TOKENS,
+                       MAX_TOOL_ROUNDS,
                        MIN_P, PYTHON, SEED, SHOW_REASONING, STATS, SYSTEM, TEMPERATURE, TOOLS,
                        TOP_K, TOP_P, VERBOSE, Display, load_chat, model_option, run_turn)
 
@@ -249,6 +250,7 @@ def chat(
     max_tool_rounds: int = MAX_TOOL_ROUNDS,
     json_schema: Optional[Path] = JSON_SCHEMA,
     dtype: Optional[str] = DTYPE,
+    kv_bits: Optional[int] = KV_BITS,
     load_file: Optional[Path] = typer.Option(None, "--load", help="Start from a saved chat."),
     stats: Optional[bool] = STATS,
     verbose: bool = VERBOSE,
@@ -258,7 +260,7 @@ def chat(
                         tools=tools, python=python, temperature=temperature, top_p=top_p,
                         top_k=top_k, min_p=min_p, seed=seed, max_tokens=max_tokens,
                         max_tool_rounds=max_tool_rounds, on_tool_call=_ask_tool_result,
-                        json_schema=json_schema)
+                        json_schema=json_schema, kv_bits=kv_bits)
     if load_file is not None:
         session.load(load_file)
     display = Display(session.tokenizer, show_reasoning=show_reasoning, verbose=verbose,

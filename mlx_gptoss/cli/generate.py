@@ -36,13 +36,16 @@ def load_chat(model: str, dtype: Optional[str], *, effort: str, system: Optional
               developer: Optional[str], tools: Optional[Path], python: bool,
               temperature: Optional[float], top_p: Optional[float], top_k: Optional[int],
               min_p: Optional[float], seed: Optional[int], max_tokens: int,
-              max_tool_rounds: int, on_tool_call=None, json_schema: Optional[Path] = None):
+              max_tool_rounds: int, on_tool_call=None, json_schema: Optional[Path] = None,
+              kv_bits: Optional[int] = None):
     """Everything both commands need: loaded model, tools, sampling, a `Chat`.
 
     Every option is checked, and every file read, before the model loads (which can take
     minutes and download gigabytes)."""
-    from ..chat import Chat
+    from ..cache import KV_BITS as KV_CACHE_BITS, PromptCache
+    from ..chat import CALL_SLACK, Chat
     from ..constrained import load_json_schema
+    from ..memory import estimate_memory
     from ..hub import load
     from ..tools.functions import load_tools_file
 
@@ -53,6 +56,9 @@ def load_chat(model: str, dtype: Optional[str], *, effort: str, system: Optional
         from ..loading import resolve_dtype
 
         resolve_dtype(dtype)
+    if kv_bits is not None and kv_bits not in KV_CACHE_BITS:
+        raise GptOssError(f"--kv-bits must be one of {', '.join(map(str, KV_CACHE_BITS))}, "
+                          f"got {kv_bits}")
     functions = load_tools_file(tools) if tools is not None else []
     response_format = load_json_schema(json_schema) if json_schema is not None else None
     net, tokenizer = load(model, dtype)
@@ -61,10 +67,16 @@ def load_chat(model: str, dtype: Optional[str], *, effort: str, system: Optional
         raise GptOssError(f"--max-tokens {max_tokens} is more than the model's context length "
                           f"({context} tokens)")
     sampling = net.sampling_defaults.with_overrides(**overrides)
-    return Chat(net, tokenizer, instructions=developer, system=system, reasoning_effort=effort,
-                tools=functions, python=python, on_tool_call=on_tool_call,
-                max_tool_rounds=max_tool_rounds, max_tokens=max_tokens, sampling=sampling,
-                response_format=response_format)
+    session = Chat(net, tokenizer, instructions=developer, system=system,
+                   reasoning_effort=effort, tools=functions, python=python,
+                   on_tool_call=on_tool_call, max_tool_rounds=max_tool_rounds,
+                   max_tokens=max_tokens, sampling=sampling, response_format=response_format)
+    if kv_bits is not None and session.cache is not None:
+        session.cache = PromptCache.for_model(net, sliding_slack=CALL_SLACK, kv_bits=kv_bits)
+    warning = estimate_memory(net, max_tokens, kv_bits).warning()  # before any prompt runs
+    if warning:
+        print(warning, file=sys.stderr)
+    return session
 
 
 def check_effort(effort: str) -> None:
@@ -113,6 +125,9 @@ JSON_SCHEMA = typer.Option(None, "--json-schema",
 DTYPE = typer.Option(None, "--dtype",
                      help="Compute dtype (bfloat16, float32...). Default: float32 activations "
                           "on the CPU backend, bfloat16 on a GPU.")
+KV_BITS = typer.Option(None, "--kv-bits", metavar="<8|4>",
+                       help="Quantize the full-attention layers' KV cache to 8 or 4 bits "
+                            "(long contexts in less memory; docs/long-context.md).")
 STATS = typer.Option(None, "--stats/--no-stats",
                      help="Speed and memory of each generation on stderr (default: on when "
                           "stderr is a terminal).")
@@ -317,6 +332,7 @@ def generate(
     max_tool_rounds: int = MAX_TOOL_ROUNDS,
     json_schema: Optional[Path] = JSON_SCHEMA,
     dtype: Optional[str] = DTYPE,
+    kv_bits: Optional[int] = KV_BITS,
     as_json: bool = typer.Option(False, "--json", help="One JSON event per line on stdout."),
     stats: Optional[bool] = STATS,
     verbose: bool = VERBOSE,
@@ -343,7 +359,7 @@ def generate(
                          developer=developer, tools=tools, python=python,
                          temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                          seed=seed, max_tokens=max_tokens, max_tool_rounds=max_tool_rounds,
-                         json_schema=json_schema)
+                         json_schema=json_schema, kv_bits=kv_bits)
         display = Display(chat.tokenizer, show_reasoning=show_reasoning, as_json=as_json,
                           verbose=verbose, stats=stats)
         if history is not None:
