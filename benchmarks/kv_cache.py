@@ -106,7 +106,7 @@ def memory(args, out: list) -> None:
     for size in (int(s) for s in args.sizes.split(",")):
         tokens = mx.array(np.random.default_rng(size).integers(0, 256, (1, size)))
         mx.eval(tokens)
-        for bits in BITS:
+        for bits in args.bits:
             cache = model.make_cache(kv_bits=bits, kv_group_size=32)
             mx.clear_cache()
             mx.reset_peak_memory()
@@ -181,6 +181,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="4096,8192,16384,32768")
     parser.add_argument("--contexts", default="4096,16384,32768")
     parser.add_argument("--decode", type=int, default=16)
+    parser.add_argument("--bits", default="none,8,4", help="memory: the caches to measure",
+                        type=lambda v: [None if b == "none" else int(b) for b in v.split(",")])
     parser.add_argument("--dtype", default="bfloat16", help="speed: compute dtype")
     parser.add_argument("--cache-dir", default=".bench-cache")
     parser.add_argument("--out", default=None)

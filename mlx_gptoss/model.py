@@ -139,39 +139,15 @@ class Attention(nn.Module):
         return mx.concatenate(outs, axis=2)
 
 
-# Most attention scores one quantized-attention call holds at once (elements): long prefill
-# chunks over long contexts go in query blocks, so memory stays O(context), not O(chunk x
-# context x heads) (at 20b's 64 heads, 2048 queries x 32k keys would be 17 GB of float32).
-MAX_SCORES = 1 << 26
-
-
 def quantized_attention(q: mx.array, keys: tuple, values: tuple, scale: float, mask,
-                        sinks: mx.array, group_size: int, bits: int,
-                        max_scores: int = MAX_SCORES) -> mx.array:
+                        sinks: mx.array, group_size: int, bits: int) -> mx.array:
     """Attention of q `[B, Hq, T, d]` over quantized keys/values `(packed, scales, biases)`
     `[B, Hkv, L, ...]`, with each head's sink logit in the softmax denominator.
 
     The query heads are grouped under their kv head (GQA) so the keys are read once per group;
     scores come from `quantized_matmul` on the packed keys, a sink column joins them before
     the softmax and leaves after it, and the weights multiply the packed values. `mask` is
-    what `attention_mask` returns (None, "causal" or a boolean `[T, L]`); queries go in blocks
-    of at most `max_scores` scores."""
-    b, n_heads, t, d = q.shape
-    length = keys[0].shape[2]
-    if isinstance(mask, str):  # "causal": the queries are the last t keys
-        mask = mx.arange(length - t, length)[:, None] >= mx.arange(length)[None, :]
-    block = max(1, max_scores // (b * n_heads * length))
-    if t <= block:
-        return _quantized_attention_block(q, keys, values, scale, mask, sinks, group_size, bits)
-    return mx.concatenate([
-        _quantized_attention_block(q[:, :, s:s + block], keys, values, scale,
-                                   None if mask is None else mask[s:s + block], sinks,
-                                   group_size, bits)
-        for s in range(0, t, block)], axis=2)
-
-
-def _quantized_attention_block(q: mx.array, keys: tuple, values: tuple, scale: float, mask,
-                               sinks: mx.array, group_size: int, bits: int) -> mx.array:
+    what `attention_mask` returns (None, "causal" or a boolean `[T, L]`)."""
     b, n_heads, t, d = q.shape
     n_kv, length = keys[0].shape[1], keys[0].shape[2]
     groups = n_heads // n_kv
@@ -182,6 +158,8 @@ def _quantized_attention_block(q: mx.array, keys: tuple, values: tuple, scale: f
 
     scores = mx.quantized_matmul(q, *packed(keys), transpose=True, group_size=group_size,
                                  bits=bits)
+    if isinstance(mask, str):  # "causal": the queries are the last t keys
+        mask = mx.arange(length - t, length)[:, None] >= mx.arange(length)[None, :]
     if mask is not None:
         scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype))
     sink_column = mx.broadcast_to(sinks.reshape(1, n_kv, groups, 1, 1), (b, n_kv, groups, t, 1))
@@ -341,6 +319,16 @@ def attention_mask(queries: int, offset: int, history: int, window: int | None):
     return visible
 
 
+def check_positions(config, start: int, count: int) -> None:
+    """Refuse positions past `max_position_embeddings` (RoPE was never trained there), in
+    one line; a config that states no context has no limit."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and start + count > limit:
+        raise ContextLengthError(
+            f"{start + count} positions exceed the model's context of {limit} tokens "
+            f"(max_position_embeddings)")
+
+
 class Model(nn.Module):
     """gpt-oss for causal LM: `model(tokens[B, T], cache=None) -> logits[B, T, vocab]`."""
 
@@ -376,7 +364,7 @@ class Model(nn.Module):
                 f"{cfg.vocab_size}, {dtype}{quantized})")
 
     def make_cache(self, sliding_slack: int = 0, kv_bits: int | None = None,
-                   kv_group_size: int = 64) -> list[KVCache | QuantizedKVCache | SlidingWindowCache]:
+                   kv_group_size: int = 64) -> list[KVCache | SlidingWindowCache]:
         """One cache per layer. `kv_bits` (8 or 4) quantizes the full-attention layers' keys
         and values; sliding layers keep their window exact (it is small whatever the context)."""
         if kv_bits is not None:
@@ -389,12 +377,7 @@ class Model(nn.Module):
                 else full() for layer in self.layers]
 
     def check_positions(self, start: int, count: int) -> None:
-        """Refuse positions past `max_position_embeddings`: RoPE was never trained there."""
-        limit = self.config.max_position_embeddings
-        if start + count > limit:
-            raise ContextLengthError(
-                f"{start + count} positions exceed the model's context of {limit} tokens "
-                f"(max_position_embeddings)")
+        check_positions(self.config, start, count)
 
     def __call__(self, inputs: mx.array, cache: list | None = None,
                  last_only: bool = False) -> mx.array:
@@ -468,7 +451,7 @@ def prefill(model: Model, tokens: mx.array, cache: list,
     total = tokens.shape[1]
     if total == 0:
         raise ValueError("prefill needs at least one token")
-    model.check_positions(cache[0].offset, total)  # before any chunk runs
+    check_positions(model.config, cache[0].offset, total)  # before any chunk runs
     for start in range(0, total - chunk_size, chunk_size):
         model(tokens[:, start:start + chunk_size], cache=cache)
         mx.eval([c.state for c in cache])

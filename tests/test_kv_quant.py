@@ -83,21 +83,6 @@ def test_attention_over_the_quantized_cache_equals_the_dequantized_reference(bit
     np.testing.assert_allclose(np.array(got), want, atol=2e-5, rtol=1e-4)
 
 
-def test_query_blocks_equal_one_call():
-    """Long chunks go in query blocks (bounded scores memory); the result is the same."""
-    rng = np.random.default_rng(3)
-    cache = QuantizedKVCache(8, 64)
-    keys, values = cache.update_and_fetch(
-        *(mx.array(rng.standard_normal((1, 2, 40, 64), dtype=np.float32)) for _ in range(2)))
-    q = mx.array(rng.standard_normal((1, 4, 25, 64), dtype=np.float32))
-    sinks = mx.array(rng.standard_normal(4, dtype=np.float32))
-    mask = attention_mask(25, 15, 15, None)
-    whole = quantized_attention(q, keys, values, 0.125, mask, sinks, 64, 8)
-    blocked = quantized_attention(q, keys, values, 0.125, mask, sinks, 64, 8,
-                                  max_scores=4 * 40 * 3)  # blocks of 3 queries
-    np.testing.assert_allclose(np.array(blocked), np.array(whole), atol=1e-6)
-
-
 def test_sinks_change_the_result():
     """The sink column is really in the denominator: a huge sink drives the output to 0."""
     rng = np.random.default_rng(0)
