@@ -11,6 +11,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import REWIND_CASES, rewind_through
 
 from mlx_gptoss.cache import KVCache, PromptCache, PromptCachePool, QuantizedKVCache
 from mlx_gptoss.errors import ContextLengthError, GptOssError, KVQuantizationError
@@ -120,27 +121,12 @@ def test_only_full_layers_are_quantized_and_memory_shrinks(kvq_model):
         assert sizes[bits] == kv_cache_bytes(kvq_model.config, 300, bits, dtype_bytes=4)
 
 
-@pytest.mark.parametrize("case", ["extend", "trim", "snapshot", "reset"])
+@pytest.mark.parametrize("case", REWIND_CASES)
 def test_prompt_cache_over_quantized_layers_rewinds_exactly(kvq_model, case):
     """Every way back gives the logits of a fresh 8-bit cache on the same prompt (rows are
     quantized one position at a time, so how the prompt was split does not matter)."""
-    window = kvq_model.config.sliding_window
-    history = ids(5 * window, 2)
-    marked = 2 * window + 3
     cache = PromptCache.for_model(kvq_model, sliding_slack=2, kv_bits=8)
-    for part in (history[:marked], history[marked:]):
-        prefill(kvq_model, mx.array([part]), cache.layers)
-        cache.advance(part)
-        cache.mark()
-    keep, expected_start = {
-        "extend": (len(history), len(history)),
-        "trim": (len(history) - 2, len(history) - 2),
-        "snapshot": (marked + window, marked),
-        "reset": (marked - 1, 0),
-    }[case]
-    prompt = history[:keep] + ids(6, 3)
-    todo = cache.prepare(prompt)
-    assert len(prompt) - len(todo) == expected_start
+    prompt, todo = rewind_through(kvq_model, cache, case, ids)
     got = np.array(prefill(kvq_model, mx.array([todo]), cache.layers, chunk_size=5))
     fresh = np.array(prefill(kvq_model, mx.array([prompt]), kvq_model.make_cache(kv_bits=8),
                              chunk_size=7))
