@@ -30,6 +30,7 @@ from .generate import (
     EFFORT,
     EFFORTS,
     JSON_SCHEMA,
+    KV_BITS,
     MAX_REASONING_TOKENS,
     MAX_TOKENS,
     MAX_TOOL_ROUNDS,
@@ -297,6 +298,7 @@ def chat(
     dtype: Optional[str] = DTYPE,
     adapter: Optional[Path] = ADAPTER,
     parallel: str = PARALLEL,
+    kv_bits: Optional[int] = KV_BITS,
     load_file: Optional[Path] = typer.Option(None, "--load", help="Start from a saved chat."),
     stats: Optional[bool] = STATS,
     verbose: bool = VERBOSE,
@@ -311,7 +313,7 @@ def chat(
                         browser=browser, browser_search=browser_search,
                         browser_allow_private=browser_allow_private,
                         max_reasoning_tokens=max_reasoning_tokens, adapter=adapter,
-                        parallel=parallel)
+                        parallel=parallel, kv_bits=kv_bits)
     if load_file is not None:
         session.load(load_file)
     display = Display(session.tokenizer, show_reasoning=show_reasoning, verbose=verbose,
