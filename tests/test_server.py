@@ -76,11 +76,6 @@ def client(url: str, **options) -> openai.OpenAI:
                          _strict_response_validation=True, max_retries=0, timeout=120, **options)
 
 
-@pytest.fixture(scope="module")
-def tok(chat_model):
-    return chat_model[1]
-
-
 # --------------------------------------------------------------------------- Responses
 
 

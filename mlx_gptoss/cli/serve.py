@@ -8,8 +8,8 @@ from typing import Optional
 import typer
 
 from ..errors import GptOssError
-from .generate import (ADAPTER, BROWSER, BROWSER_ALLOW_PRIVATE, BROWSER_SEARCH, DTYPE, PYTHON,
-                       PYTHON_UNSAFE, model_option)
+from .generate import (ADAPTER, BROWSER, BROWSER_ALLOW_PRIVATE, BROWSER_SEARCH, DTYPE, KV_BITS,
+                       PYTHON, PYTHON_UNSAFE, model_option)
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")  # as server.app.LOOPBACK_HOSTS (not imported: slow)
 
@@ -38,6 +38,7 @@ def serve(
     browser_allow_private: bool = BROWSER_ALLOW_PRIVATE,
     dtype: Optional[str] = DTYPE,
     adapter: Optional[Path] = ADAPTER,
+    kv_bits: Optional[int] = KV_BITS,
 ) -> None:
     """Serve a model over OpenAI's Responses and Chat Completions APIs."""
     from ..engine import Engine
@@ -45,10 +46,14 @@ def serve(
     from ..server import create_app
     from ..server import serve as run
 
+    if kv_bits is not None and max_concurrency < 2:
+        raise GptOssError("--kv-bits needs the batched engine (--max-concurrency 2 or more)")
     tools = builtin_tools(python, python_unsafe, browser, browser_search, browser_allow_private)
     net, tokenizer = load(model, dtype, adapter=adapter)
     # Several rows: the batched engine; one: the pipelined single-sequence loop (lower latency).
-    engine = Engine(net, tokenizer, max_batch=max_concurrency) if max_concurrency > 1 else None
+    engine = (Engine(net, tokenizer, max_batch=max_concurrency, kv_bits=kv_bits)
+              if max_concurrency > 1 else None)
+
     # "openai/gpt-oss-20b" and "~/models/gpt-oss-20b/" both serve as "gpt-oss-20b"
     served = served_model_name or Path(model.rstrip("/")).name
     app = create_app(net, tokenizer, served_name=served, api_key=api_key,
