@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -235,9 +236,10 @@ def concurrency_figures(trace: Trace) -> dict[str, Any]:
 
 def arrival_figures(trace: Trace) -> dict[str, Any]:
     late = len(trace.times) - 1
+    arrived, first = trace.added[late], trace.times[late][0]
     early_gaps = [b - a for times in trace.times[:late] for a, b in zip(times, times[1:])
-                  if a >= trace.added[late]]
-    return {"others": late, "ttft_s": trace.times[late][0] - trace.added[late],
+                  if b > arrived and a < first]  # the gaps that overlap its wait
+    return {"others": late, "ttft_s": first - arrived,
             # the others' gap while the newcomer is prefilled: what its arrival costs them
             "others_max_gap_during_arrival_s": max(early_gaps, default=0.0)}
 
@@ -286,6 +288,8 @@ def measure(impl: str, model, config: str, settings: BatchSettings, vocab: int
         driver.close()
     figures["prompts"] = prompts
     figures["tokens"] = trace.tokens
+    figures["token_times_s"] = [[t - trace.added[0] for t in times] for times in trace.times]
+    figures["added_s"] = [t - trace.added[0] for t in trace.added]
     return figures
 
 
@@ -302,6 +306,7 @@ def load(impl: str, settings: BatchSettings):
 def worker(impl: str, config: str, settings: BatchSettings) -> dict[str, Any]:
     import mlx.core as mx
 
+    load_before = os.getloadavg()  # the machine is shared: say how busy it was
     start = time.perf_counter()
     model = load(impl, settings)
     loaded = time.perf_counter() - start
@@ -310,6 +315,7 @@ def worker(impl: str, config: str, settings: BatchSettings) -> dict[str, Any]:
     figures = measure(impl, model, config, settings, vocab)
     figures["load_s"] = loaded
     figures["peak_memory_bytes"] = mx.get_peak_memory()
+    figures["load_average_1min"] = [load_before[0], os.getloadavg()[0]]
     return figures
 
 
@@ -423,6 +429,11 @@ def format_table(results: dict[str, Any]) -> str:
                  f"{s['widths']['hidden_size']}, vocab {s['widths']['vocab_size']}; prompts of "
                  f"{s['prompt_tokens']} tokens, >= {s['decode_tokens']} steady steps, "
                  f"{s['repeats']} repeat(s)")
+    loads = [x for runs in results.get("runs", {}).values() for rs in runs.values()
+             for r in rs for x in r.get("load_average_1min", ())]
+    if loads:
+        lines.append(f"1-minute load average while the workers ran: {min(loads):.1f} to "
+                     f"{max(loads):.1f} ({os.cpu_count()} CPUs)")
     return "\n".join(lines)
 
 
@@ -430,7 +441,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
                    help="1 and 4 streams, arrival beside 3, 4-token prompts, 2 steady steps")
-    p.add_argument("--streams", help="comma-separated concurrencies (default 1,2,4,8)")
+    p.add_argument("--streams", help="comma-separated concurrencies (default 1,2,4,8; "
+                   "'' for the arrival test alone)")
     p.add_argument("--prompt", type=int, help="prompt tokens per stream (default 8)")
     p.add_argument("--decode", type=int, help="steady-state steps measured (default 4)")
     p.add_argument("--repeats", type=int, help="runs of each configuration (default 1)")
@@ -446,8 +458,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def settings_from_args(args: argparse.Namespace) -> BatchSettings:
     chosen: dict[str, Any] = dict(QUICK) if args.quick else {}
-    if args.streams:
-        chosen["streams"] = tuple(int(n) for n in args.streams.split(","))
+    if args.streams is not None:
+        chosen["streams"] = tuple(int(n) for n in args.streams.split(",") if n.strip())
     for key, value in (("prompt_tokens", args.prompt), ("decode_tokens", args.decode),
                        ("repeats", args.repeats)):
         if value is not None:

@@ -100,3 +100,14 @@ def test_the_whole_run_in_worker_processes(settings, tmp_path):
     out = tmp_path / "batch.json"
     batch.write_results(results, out)
     assert json.loads(out.read_text())["settings"]["streams"] == [1, 3]
+
+
+def test_arrival_figures_of_a_known_trace():
+    # Two streams decode every 2 s; the late one is added at t=5 and its first token comes
+    # with the others' token at t=8: it waited 3 s, and the others' gap spanning that was 2 s.
+    trace = batch.Trace(added=[0.0, 0.0, 5.0],
+                        times=[[0.0, 2.0, 4.0, 6.0, 8.0], [0.0, 2.0, 4.0, 6.0, 9.0], [8.0]],
+                        tokens=[[1] * 5, [1] * 5, [1]])
+    figures = batch.arrival_figures(trace)
+    assert (figures["others"], figures["ttft_s"]) == (2, 3.0)
+    assert figures["others_max_gap_during_arrival_s"] == 3.0  # stream 1's 6 -> 9
