@@ -21,6 +21,8 @@ from typing import Any, Sequence
 
 import mlx.core as mx
 
+from .errors import KVQuantizationError
+
 
 class KVCache:
     """Keys and values of every position so far, grown in steps to avoid a copy per token."""
@@ -104,6 +106,88 @@ class KVCache:
         return copy
 
 
+# What `mx.quantize` accepts: the bit widths a KV cache may use and its group sizes.
+KV_BITS = (4, 8)
+KV_GROUP_SIZES = (32, 64, 128)
+
+
+def check_kv_quantization(bits: int, group_size: int, head_dim: int) -> None:
+    """Refuse, in one line, a KV quantization MLX cannot do on this model's heads."""
+    if bits not in KV_BITS:
+        raise KVQuantizationError(f"kv_bits must be one of {KV_BITS}, got {bits!r}")
+    if group_size not in KV_GROUP_SIZES or head_dim % group_size:
+        raise KVQuantizationError(
+            f"kv_group_size must be one of {KV_GROUP_SIZES} and divide head_dim {head_dim}, "
+            f"got {group_size!r}")
+
+
+class QuantizedKVCache(KVCache):
+    """A full-attention layer's keys and values, quantized (affine, `bits` per element, one
+    scale and bias per `group_size` elements of a head's row) as they arrive.
+
+    `update_and_fetch` returns `(packed, scales, biases)` triples for keys and for values,
+    which `Attention` multiplies in place with `mx.quantized_matmul`: nothing is dequantized,
+    so the cache's memory is what a long context costs. Positions, trimming and snapshots are
+    `KVCache`'s (only the offset moves); only what is stored differs.
+    """
+
+    def __init__(self, bits: int = 8, group_size: int = 64) -> None:
+        super().__init__()
+        self.bits = bits
+        self.group_size = group_size
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        new = keys.shape[2]
+        end = self.offset + new
+        qk, qv = (mx.quantize(x, group_size=self.group_size, bits=self.bits)
+                  for x in (keys, values))
+        if self.keys is None or end > self.keys[0].shape[2]:
+            grow = ((new + self.step - 1) // self.step) * self.step
+
+            def extend(old, like):
+                fresh = tuple(mx.zeros((*a.shape[:2], grow, a.shape[-1]), dtype=a.dtype)
+                              for a in like)
+                if old is None:
+                    return fresh
+                return tuple(mx.concatenate([o[..., : self.offset, :], f], axis=2)
+                             for o, f in zip(old, fresh))
+
+            self.keys, self.values = extend(self.keys, qk), extend(self.values, qv)
+        for held, fresh in ((self.keys, qk), (self.values, qv)):
+            for a, b in zip(held, fresh):
+                a[..., self.offset:end, :] = b
+        self.offset = end
+        return self._held(end)
+
+    def _held(self, end: int):
+        return (tuple(a[..., :end, :] for a in self.keys),
+                tuple(a[..., :end, :] for a in self.values))
+
+    @property
+    def state(self):
+        return () if self.keys is None else self._held(self.offset)
+
+    @state.setter
+    def state(self, value) -> None:
+        self.keys, self.values = (tuple(v) for v in value)
+        self.offset = self.keys[0].shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        if self.keys is None:
+            return 0
+        return sum(a.nbytes for a in (*self.keys, *self.values))
+
+    def fork(self) -> "QuantizedKVCache":
+        """An independent copy sharing the held positions until either writes (see
+        `KVCache.fork`)."""
+        copy = QuantizedKVCache(self.bits, self.group_size)
+        if self.keys is not None:
+            copy.keys, copy.values = self._held(self.offset)
+        copy.offset = self.offset
+        return copy
+
+
 class SlidingWindowCache:
     """The last `window - 1 + slack` positions: memory is O(window), whatever the context."""
 
@@ -183,7 +267,7 @@ class SlidingWindowCache:
         return copy
 
 
-LayerCache = KVCache | SlidingWindowCache
+LayerCache = KVCache | QuantizedKVCache | SlidingWindowCache
 
 
 class PromptCache:
@@ -205,8 +289,13 @@ class PromptCache:
         self.logits: mx.array | None = None
 
     @classmethod
-    def for_model(cls, model, sliding_slack: int = 0) -> "PromptCache":
-        return cls(model.make_cache(sliding_slack))
+    def for_model(cls, model, sliding_slack: int = 0, kv_bits: int | None = None,
+                  kv_group_size: int = 64) -> "PromptCache":
+        """Fresh caches for `model`; `kv_bits` (8 or 4) quantizes the full layers' keys and
+        values (see `QuantizedKVCache`)."""
+        if kv_bits is None:
+            return cls(model.make_cache(sliding_slack))
+        return cls(model.make_cache(sliding_slack, kv_bits=kv_bits, kv_group_size=kv_group_size))
 
     @property
     def offset(self) -> int:
@@ -314,13 +403,14 @@ class PromptCachePool:
 
     def __init__(self, model, *, max_bytes: int = 2 << 30,
                  sliding_slack: int = DEFAULT_SLIDING_SLACK,
-                 max_entries: int = 64):
+                 max_entries: int = 64, kv_bits: int | None = None, kv_group_size: int = 64):
         if max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
         self.model = model
         self.max_bytes = max_bytes
         self.max_entries = max_entries
         self.sliding_slack = sliding_slack
+        self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
         self._entries: list[PromptCache] = []  # least recently used first
         self.requests = 0
         self.hits = 0
@@ -334,7 +424,8 @@ class PromptCachePool:
             if n > shared:
                 best, shared = entry, n
         if best is None:
-            return PromptCache.for_model(self.model, self.sliding_slack)
+            return PromptCache.for_model(self.model, self.sliding_slack, self.kv_bits,
+                                         self.kv_group_size)
         self.hits += 1
         self._entries.remove(best)
         self._entries.append(best)  # most recently used
@@ -364,4 +455,4 @@ class PromptCachePool:
                 "bytes": self.nbytes}
 
 
-_EMPTY: dict[type, Any] = {KVCache: 0, SlidingWindowCache: (0, None, None)}
+_EMPTY: dict[type, Any] = {KVCache: 0, QuantizedKVCache: 0, SlidingWindowCache: (0, None, None)}

@@ -86,7 +86,7 @@ class Chat:
                  logits_processors: Iterable[LogitsProcessor] = (),
                  prompt_cache: bool = True, date: str | None = None,
                  response_format: Any = None, constrain_tools: bool = True,
-                 max_reasoning_tokens: int | None = None):
+                 max_reasoning_tokens: int | None = None, kv_bits: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.instructions = instructions
@@ -113,7 +113,9 @@ class Chat:
         self.json_constraint()  # a bad schema fails here, before any generation
         # The slack lets a tool round trim back to where its call is re-rendered (recipient
         # first, after the round's analysis) instead of re-reading that analysis.
-        self.cache = PromptCache.for_model(model, sliding_slack=CALL_SLACK) if prompt_cache else None
+        # `kv_bits` (8 or 4): the full-attention layers' keys and values are kept quantized.
+        self.cache = (PromptCache.for_model(model, sliding_slack=CALL_SLACK, kv_bits=kv_bits)
+                      if prompt_cache else None)
         self.messages: list[Message] = []
         self._generations = 0
 

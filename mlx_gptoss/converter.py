@@ -307,14 +307,16 @@ def convert(hf_path: str | Path, mlx_path: str | Path, *,
             quantization: QuantizationConfig | None = None, force: bool = False,
             progress: bool = True, vocab: str | Path | None = None,
             max_shard_bytes: int = MAX_SHARD_BYTES,
-            log: Callable[[str], None] | None = None) -> ConversionReport:
+            log: Callable[[str], None] | None = None,
+            transform: Callable[[str, mx.array], mx.array] | None = None) -> ConversionReport:
     """Convert the checkpoint at `hf_path` into an MLX model directory at `mlx_path`.
 
     `quantization` (see `quantization_config`) quantizes the non-expert modules it names;
     experts always stay MXFP4. `progress` draws a byte progress bar on stderr; `log` gets the
     detected format before the work starts. Raises a `GptOssError` on bad input or an
     unwritable destination, leaving nothing at `mlx_path`; KeyboardInterrupt also cleans up,
-    then propagates.
+    then propagates. `transform(name, lazy array)` may replace canonical tensors on the way
+    (`fuse` merges LoRA updates so); it must keep their shapes.
     """
     started = time.monotonic()
     src, dst = Path(hf_path), Path(mlx_path)
@@ -324,6 +326,7 @@ def convert(hf_path: str | Path, mlx_path: str | Path, *,
     cfg = load_config(src)
     raw = read_json(src / "config.json", expect=dict, error=ConfigError)
     fmt, tensors = canonical_tensors(src, cfg, raw, streaming=True)
+    tensors = _transformed(tensors, transform)
     log(f"source format: {fmt} ({FORMATS[fmt]})")
     _check_destination(src, dst, force)
     groups = plan_tensors(tensors, quantization)
@@ -350,6 +353,7 @@ def convert(hf_path: str | Path, mlx_path: str | Path, *,
         _copy_side_files(src, tmp, Path(vocab) if vocab is not None else None)
         total = sum(t.nbytes for t in planned)
         _, tensors = canonical_tensors(src, cfg, raw, streaming=True)
+        tensors = _transformed(tensors, transform)
         bar = Progress(total, progress)
         try:
             weight_map = _write_shards(tensors, shards, tmp, quantization, bar)
@@ -372,6 +376,13 @@ def convert(hf_path: str | Path, mlx_path: str | Path, *,
         tensor_bytes=total, bytes_per_token=bytes_per_token(cfg, sizes),
         num_shards=len(shards), quantization=quantization,
         seconds=time.monotonic() - started)
+
+
+def _transformed(tensors: Iterator[tuple[str, mx.array]],
+                 transform: Callable[[str, mx.array], mx.array] | None
+                 ) -> Iterator[tuple[str, mx.array]]:
+    for name, array in tensors:
+        yield name, array if transform is None else transform(name, array)
 
 
 def _replace(tmp: Path, dst: Path) -> None:

@@ -146,7 +146,8 @@ class PipelineStage(Model):
         self.stage_layers = layers
         self.group = group
 
-    def run_layers(self, x: mx.array, cache: list | None, last_only: bool) -> mx.array:
+    def run_layers(self, x: mx.array, cache: list | None, last_only: bool,
+                   wrap_layer=None) -> mx.array:
         rank, size = self.group.rank(), self.group.size()
         is_last = rank == size - 1
         if rank > 0:
@@ -154,7 +155,7 @@ class PipelineStage(Model):
             # it after the previous step's collectives, as on the other ranks.
             mx.eval(x)
             x = mx.distributed.recv_like(x, rank - 1, group=self.group)
-        x = super().run_layers(x, cache, last_only and is_last)
+        x = super().run_layers(x, cache, last_only and is_last, wrap_layer)
         if not is_last:
             # Evaluated now: a caller that evaluates only the caches (prefill) or the logits
             # would otherwise never run the send, and the next rank would wait forever.
@@ -287,19 +288,24 @@ def _check_stages(cfg: ModelConfig, parts: list[range]) -> None:
 
 def load(model: str | os.PathLike, dtype: str | mx.Dtype | None = None, *,
          group: mx.distributed.Group | None = None, parallel: str = "auto",
+         adapter: str | os.PathLike | None = None,
          log: Callable[[str], None] | None = None) -> tuple[Model, Any]:
     """`(model, tokenizer)` with this rank's share of the model (the whole one on one rank).
 
     `model` is a directory or hub repo id (see `hub.load`); `group` defaults to the global
     group (`mx.distributed.init()`); `parallel` is `auto`, `expert`, `pipeline`, optionally with
     counts per rank (`pipeline:10,14`). Each rank logs its load line (stderr by default).
+    `adapter`: a LoRA adapter directory (see `hub.load`), on one process only for now.
     """
     from .hub import load as hub_load, resolve_model
 
     group = group if group is not None else init_group()
     parse_parallel(parallel)  # a bad value is an error on one process too
     if group.size() == 1:
-        return hub_load(model, dtype)
+        return hub_load(model, dtype, adapter=adapter)
+    if adapter is not None:
+        raise DistributedError("--adapter runs on one process for now (an adapter is not "
+                               "sharded across ranks yet)")
     # Rank 0 fetches or converts a hub id first: ranks sharing a host then find it cached
     # instead of converting into the same directory at once.
     path = resolve_model(model) if group.rank() == 0 else None

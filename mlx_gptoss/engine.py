@@ -110,7 +110,7 @@ class Engine:
     def __init__(self, model: Model, tokenizer: HarmonyTokenizer | None = None, *,
                  max_batch: int = DEFAULT_MAX_BATCH, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                  cache_pool: PromptCachePool | None | str = "default",
-                 sliding_slack: int = DEFAULT_SLIDING_SLACK):
+                 sliding_slack: int = DEFAULT_SLIDING_SLACK, kv_bits: int | None = None):
         if max_batch < 1:
             raise GptOssError(f"max_batch must be at least 1, got {max_batch}")
         if prefill_chunk < 1:
@@ -120,9 +120,10 @@ class Engine:
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
         self.sliding_slack = sliding_slack
+        self.kv_bits = kv_bits  # 8 or 4: quantized full-layer caches (see QuantizedKVCache)
         if cache_pool == "default":
             cache_pool = PromptCachePool(model, max_bytes=DEFAULT_POOL_BYTES,
-                                         sliding_slack=sliding_slack)
+                                         sliding_slack=sliding_slack, kv_bits=kv_bits)
         self.pool: PromptCachePool | None = cache_pool
         # Prefill stops and snapshots the caches after each message's <|end|>: where the
         # prompts of different requests (or turns) part, a pooled cache can rewind to exactly.
@@ -194,7 +195,7 @@ class Engine:
         if request.max_tokens < 1:
             raise GptOssError(f"max_tokens must be at least 1, got {request.max_tokens}")
         cache = (self.pool.acquire(prompt) if self.pool is not None
-                 else PromptCache.for_model(self.model, self.sliding_slack))
+                 else PromptCache.for_model(self.model, self.sliding_slack, self.kv_bits))
         todo = cache.prepare(prompt)
         request.stats.prompt_tokens = len(prompt)
         request.stats.cached_tokens = len(prompt) - len(todo)

@@ -47,3 +47,11 @@ class VerificationError(GptOssError):
 
 class ToolsFileError(GptOssError):
     """A --tools file is unreadable or not a list of function tools."""
+
+
+class KVQuantizationError(GptOssError):
+    """The requested KV-cache quantization (bits, group size) is impossible for this model."""
+
+
+class ContextLengthError(GptOssError):
+    """A prompt or generation would run past the model's `max_position_embeddings`."""

@@ -125,7 +125,8 @@ def generate_tokens(model: Model, prompt: Sequence[int], *, sampler: Callable[[m
                     max_tokens: int = DEFAULT_MAX_TOKENS, stop_tokens: Iterable[int] = (),
                     logits_processors: Sequence[LogitsProcessor] = (),
                     prompt_cache: PromptCache | None = None, stats: GenerationStats | None = None,
-                    prefill_chunk: int = PREFILL_CHUNK) -> Iterator[int]:
+                    prefill_chunk: int = PREFILL_CHUNK,
+                    kv_bits: int | None = None) -> Iterator[int]:
     """Yield sampled token ids, the stop token included, until a stop token or `max_tokens`.
 
     The next step's forward pass is queued before the current token is read (`mx.async_eval`),
@@ -140,7 +141,8 @@ def generate_tokens(model: Model, prompt: Sequence[int], *, sampler: Callable[[m
     bad = next((t for t in prompt if not 0 <= t < vocab), None)
     if bad is not None:  # an out-of-range id would index past the embedding table
         raise GptOssError(f"prompt token id {bad} is outside the model's vocabulary (0..{vocab - 1})")
-    cache = prompt_cache if prompt_cache is not None else PromptCache.for_model(model)
+    cache = (prompt_cache if prompt_cache is not None
+             else PromptCache.for_model(model, kv_bits=kv_bits))
     stats = stats if stats is not None else GenerationStats()
     stop = set(stop_tokens)
     processors = list(logits_processors)
@@ -315,6 +317,7 @@ def stream_generate(model: Model, tokenizer: HarmonyTokenizer, prompt: Prompt, *
                     render_config: RenderConversationConfig | None = None,
                     response_format: Any = None, constrain_tools: bool = True,
                     tool_choice: Any = None, max_reasoning_tokens: int | None = None,
+                    kv_bits: int | None = None,
                     **prompt_options) -> Iterator[Event | GenerationResult]:
     """Yield harmony events as tokens are sampled, then one `GenerationResult`.
 
@@ -337,7 +340,9 @@ def stream_generate(model: Model, tokenizer: HarmonyTokenizer, prompt: Prompt, *
     enough that a constrained answer still fits in `max_tokens`). With a response format the
     decoder writes the whole message structure; `result.complete` is False if `max_tokens`
     still cut the answer off.
-    `prompt_cache` reuses (and keeps) the keys and values of a previous call's shared prefix.
+    `prompt_cache` reuses (and keeps) the keys and values of a previous call's shared prefix;
+    without one, `kv_bits` (8 or 4) keeps the full-attention layers' keys and values quantized
+    (a `PromptCache.for_model(model, kv_bits=...)` does the same for a reused cache).
     """
     request = prepare_request(model, tokenizer, prompt, max_tokens=max_tokens, sampling=sampling,
                               logits_processors=logits_processors, render_config=render_config,
@@ -351,7 +356,7 @@ def stream_generate(model: Model, tokenizer: HarmonyTokenizer, prompt: Prompt, *
     stream = generate_tokens(model, request.ids, sampler=make_sampler(request.sampling),
                              max_tokens=max_tokens, stop_tokens=request.stop_tokens,
                              logits_processors=request.processors, prompt_cache=prompt_cache,
-                             stats=stats)
+                             stats=stats, kv_bits=kv_bits)
     try:
         for token in stream:
             tokens.append(token)

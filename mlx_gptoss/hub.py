@@ -82,7 +82,8 @@ def _download(repo_id: str, progress: bool) -> Path:
 
 
 def load(model: str | os.PathLike, dtype: str | mx.Dtype | None = None, *,
-         progress: bool = True, shard: Any = None) -> tuple[Model, Any]:
+         adapter: str | os.PathLike | None = None, progress: bool = True,
+         shard: Any = None) -> tuple[Model, Any]:
     """`(model, tokenizer)` for a model directory or hub repo id.
 
     The model's `sampling_defaults` and `generation_config` (eos ids: see
@@ -90,10 +91,12 @@ def load(model: str | os.PathLike, dtype: str | mx.Dtype | None = None, *,
     unless told otherwise. `dtype` is the compute dtype of the unquantized weights; the default
     depends on the device: float32 activations on the CPU (much faster there; the vocabulary
     matrices stay bf16), the checkpoint's bf16 on a GPU (see `loading.resolve_dtype`).
-    `shard`: one distributed rank's share (`distributed.load` passes it).
+    `adapter`: a LoRA adapter directory (PEFT's `adapter_config.json` +
+    `adapter_model.safetensors`), applied unfused. `shard`: one distributed rank's share
+    (`distributed.load` passes it).
     """
     path = resolve_model(model, progress=progress)
-    net, tokenizer = load_dir(path, dtype, shard)
+    net, tokenizer = load_dir(path, dtype, adapter, shard)
     net.generation_config = load_generation_config(path, net.config)
     net.sampling_defaults = SamplingParams.from_model_dir(path)
     net.model_dir = path

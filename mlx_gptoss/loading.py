@@ -101,15 +101,21 @@ def load_model(path: str | Path, dtype: str | mx.Dtype | None = None,
 
 
 def load(path: str | Path, dtype: str | mx.Dtype | None = None,
-         shard: Any = None) -> tuple[Model, Any]:
+         adapter: str | Path | None = None, shard: Any = None) -> tuple[Model, Any]:
     """Load a gpt-oss model directory: returns `(model, tokenizer)`.
 
     `dtype` sets the compute dtype of the non-quantized weights and so of the activations
     (e.g. "float32"); the default is float32 activations on the CPU (vocabulary matrices kept
-    in bf16) and bf16 on a GPU (see `resolve_dtype`). MXFP4 experts stay packed. `shard`: see
+    in bf16) and bf16 on a GPU (see `resolve_dtype`). MXFP4 experts stay packed. `adapter` is
+    a LoRA adapter directory (PEFT's format, see `lora.py`) applied unfused. `shard`: see
     `load_model` (`distributed.load` passes it).
     """
     model, _ = load_model(path, dtype, shard)
+    if adapter is not None:
+        from .lora import load_adapter
+
+        load_adapter(model, adapter)
+        model.eval()
     return model, load_tokenizer_for(Path(path))
 
 

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .cache import KVCache, SlidingWindowCache
+from .cache import KVCache, QuantizedKVCache, SlidingWindowCache, check_kv_quantization
 from .config import ModelConfig, RopeConfig
+from .errors import ContextLengthError
 from .mxfp4 import BITS, GROUP_SIZE, MODE
 
 # Above this many (token, expert) pairs, sorting tokens by expert makes gather_qmm read each
@@ -102,6 +103,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         sinks = self.sinks.astype(q.dtype)
+        if isinstance(cache, QuantizedKVCache):
+            return quantized_attention(q, k, v, self.scale, mask, sinks, cache.group_size,
+                                       cache.bits)
         if self.window is not None and q.shape[2] > self.window:
             return self._windowed(q, k, v, offset, history, sinks)
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask,
@@ -133,6 +137,37 @@ class Attention(nn.Module):
                 q[:, :, start:stop], k[:, :, keys], v[:, :, keys], scale=self.scale,
                 mask=mask, sinks=sinks))
         return mx.concatenate(outs, axis=2)
+
+
+def quantized_attention(q: mx.array, keys: tuple, values: tuple, scale: float, mask,
+                        sinks: mx.array, group_size: int, bits: int) -> mx.array:
+    """Attention of q `[B, Hq, T, d]` over quantized keys/values `(packed, scales, biases)`
+    `[B, Hkv, L, ...]`, with each head's sink logit in the softmax denominator.
+
+    The query heads are grouped under their kv head (GQA) so the keys are read once per group;
+    scores come from `quantized_matmul` on the packed keys, a sink column joins them before
+    the softmax and leaves after it, and the weights multiply the packed values. `mask` is
+    what `attention_mask` returns (None, "causal" or a boolean `[T, L]`)."""
+    b, n_heads, t, d = q.shape
+    n_kv, length = keys[0].shape[1], keys[0].shape[2]
+    groups = n_heads // n_kv
+    q = (q * scale).reshape(b, n_kv, groups, t, d)
+
+    def packed(triple: tuple) -> list[mx.array]:
+        return [mx.expand_dims(a, 2) for a in triple]  # broadcast over the group
+
+    scores = mx.quantized_matmul(q, *packed(keys), transpose=True, group_size=group_size,
+                                 bits=bits)
+    if isinstance(mask, str):  # "causal": the queries are the last t keys
+        mask = mx.arange(length - t, length)[:, None] >= mx.arange(length)[None, :]
+    if mask is not None:
+        scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype))
+    sink_column = mx.broadcast_to(sinks.reshape(1, n_kv, groups, 1, 1), (b, n_kv, groups, t, 1))
+    weights = mx.softmax(mx.concatenate([scores, sink_column], axis=-1), axis=-1,
+                         precise=True)[..., :length]
+    out = mx.quantized_matmul(weights, *packed(values), transpose=False, group_size=group_size,
+                              bits=bits)
+    return out.reshape(b, n_heads, t, d)
 
 
 class MXFP4SwitchLinear(nn.Module):
@@ -205,7 +240,9 @@ class MLP(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         logits = self.router(x)
-        chosen = mx.argpartition(-logits, kth=self.top_k - 1, axis=-1)[:, : self.top_k]
+        # The choice is discrete: training differentiates through the chosen logits only.
+        chosen = mx.stop_gradient(
+            mx.argpartition(-logits, kth=self.top_k - 1, axis=-1)[:, : self.top_k])
         weights = mx.softmax(mx.take_along_axis(logits, chosen, axis=-1), axis=-1, precise=True)
         y = self.experts(x, chosen)
         y = (y * weights[..., None]).sum(axis=-2)
@@ -284,6 +321,16 @@ def attention_mask(queries: int, offset: int, history: int, window: int | None):
     return visible
 
 
+def check_positions(config, start: int, count: int) -> None:
+    """Refuse positions past `max_position_embeddings` (RoPE was never trained there), in
+    one line; a config that states no context has no limit."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and start + count > limit:
+        raise ContextLengthError(
+            f"{start + count} positions exceed the model's context of {limit} tokens "
+            f"(max_position_embeddings)")
+
+
 class Model(nn.Module):
     """gpt-oss for causal LM: `model(tokens[B, T], cache=None) -> logits[B, T, vocab]`."""
 
@@ -318,16 +365,42 @@ class Model(nn.Module):
                 f"{cfg.num_local_experts} experts ({cfg.num_experts_per_tok} active), vocabulary "
                 f"{cfg.vocab_size}, {dtype}{quantized})")
 
-    def make_cache(self, sliding_slack: int = 0) -> list[KVCache | SlidingWindowCache]:
+    def make_cache(self, sliding_slack: int = 0, kv_bits: int | None = None,
+                   kv_group_size: int = 64) -> list[KVCache | SlidingWindowCache]:
+        """One cache per layer. `kv_bits` (8 or 4) quantizes the full-attention layers' keys
+        and values; sliding layers keep their window exact (it is small whatever the context)."""
+        if kv_bits is not None:
+            check_kv_quantization(kv_bits, kv_group_size, self.config.head_dim)
+
+        def full() -> KVCache | QuantizedKVCache:
+            return KVCache() if kv_bits is None else QuantizedKVCache(kv_bits, kv_group_size)
+
         return [SlidingWindowCache(self.config.sliding_window, sliding_slack) if layer.sliding
-                else KVCache() for layer in self.layers]
+                else full() for layer in self.layers]
+
+    def check_positions(self, start: int, count: int) -> None:
+        check_positions(self.config, start, count)
 
     def __call__(self, inputs: mx.array, cache: list | None = None,
                  last_only: bool = False) -> mx.array:
         """`last_only` computes the last block's MLP and the head for the last position only."""
-        return self.head(self.model.norm(self.run_layers(self.embed(inputs), cache, last_only)))
+        return self.head(self.features(inputs, cache, last_only))
 
-    def run_layers(self, x: mx.array, cache: list | None, last_only: bool) -> mx.array:
+    def features(self, inputs: mx.array, cache: list | None = None, last_only: bool = False,
+                 wrap_layer: Callable | None = None) -> mx.array:
+        """The normalised final activations `[B, T, H]` (what the head multiplies).
+
+        `wrap_layer(layer)` may return a replacement callable per block, e.g. a gradient
+        checkpoint for training (see `train.py`), which also computes its loss by chunks of
+        these activations instead of the full logits.
+        """
+        held = next((c for c in cache or () if c is not None), None)
+        if held is not None:  # positions past the context are refused before anything runs
+            self.check_positions(held.offset, inputs.shape[1])
+        return self.model.norm(self.run_layers(self.embed(inputs), cache, last_only, wrap_layer))
+
+    def run_layers(self, x: mx.array, cache: list | None, last_only: bool,
+                   wrap_layer: Callable | None = None) -> mx.array:
         """The blocks over activations `x [B, T, H]` (a pipeline stage overrides this)."""
         t = x.shape[1]
         caches = cache if cache is not None else [None] * len(self.layers)
@@ -339,12 +412,15 @@ class Model(nn.Module):
                 history = layer_cache.length if layer_cache is not None else 0
                 window = self.config.sliding_window if layer.sliding else None
                 masks[layer.sliding] = attention_mask(t, offset, history, window)
-            x = layer(x, masks[layer.sliding], layer_cache, last_only and i == last)
+            run = layer if wrap_layer is None else wrap_layer(layer)
+            x = run(x, masks[layer.sliding], layer_cache, last_only and i == last)
         return x
 
     def step_rows(self, tokens: mx.array, caches: Sequence[Sequence[Any]]) -> mx.array:
         """The next-token logits `[B, vocab]` of `B` sequences, each one token `tokens[b]` on
         top of its own layer caches `caches[b]` (see `TransformerBlock.step_rows`)."""
+        for rows in caches:
+            self.check_positions(rows[0].offset, 1)
         x = self.embed(tokens.reshape(-1, 1))
         window = self.config.sliding_window
         masks = {sliding: [attention_mask(1, rows[i].offset, rows[i].length,
@@ -393,6 +469,7 @@ def prefill(model: Model, tokens: mx.array, cache: list,
     total = tokens.shape[1]
     if total == 0:
         raise ValueError("prefill needs at least one token")
+    check_positions(model.config, cache[0].offset, total)  # before any chunk runs
     for start in range(0, total - chunk_size, chunk_size):
         model(tokens[:, start:start + chunk_size], cache=cache)
         mx.eval([c.state for c in cache])

@@ -47,6 +47,19 @@ def deinterleave_rows(x, axis: int = 1):
     return (np.concatenate if isinstance(x, np.ndarray) else mx.concatenate)([even, odd], axis=axis)
 
 
+def interleave_rows(x, axis: int = 1):
+    """Inverse of `deinterleave_rows`: [gate rows, up rows] -> alternating gate, up."""
+    half = x.shape[axis] // 2
+    index = [slice(None)] * x.ndim
+    index[axis] = slice(0, half)
+    gate = x[tuple(index)]
+    index[axis] = slice(half, None)
+    up = x[tuple(index)]
+    stack = np.stack if isinstance(x, np.ndarray) else mx.stack
+    shape = list(x.shape)
+    return stack([gate, up], axis=axis + 1).reshape(shape)
+
+
 def dequantize_reference(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """Reference dequantization from the OCP definition: `[..., G, 16]`, `[..., G]` -> `[..., G*32]`."""
     blocks = np.asarray(blocks, dtype=np.uint8)

@@ -46,3 +46,34 @@ def edit_json(path: Path, **changes) -> None:
     data = json.loads(path.read_text())
     data.update(changes)
     path.write_text(json.dumps(data))
+
+
+# The ways back `PromptCache.prepare` can take (see `rewind_through`).
+REWIND_CASES = ("extend", "trim", "snapshot", "reset")
+
+
+def rewind_through(model, cache, case: str, ids) -> tuple[list[int], list[int]]:
+    """Prefill 5 windows of `ids(n, seed)` into `cache` in two marked parts, then `prepare` a
+    prompt that keeps as much history as `case` says; returns (prompt, tokens left to
+    prefill) after checking where the cache restarted."""
+    import mlx.core as mx
+
+    from mlx_gptoss.model import prefill
+
+    window = model.config.sliding_window
+    history = ids(5 * window, 2)
+    marked = 2 * window + 3
+    for part in (history[:marked], history[marked:]):
+        prefill(model, mx.array([part]), cache.layers)
+        cache.advance(part)
+        cache.mark()
+    keep, expected_start = {
+        "extend": (len(history), len(history)),
+        "trim": (len(history) - 2, len(history) - 2),
+        "snapshot": (marked + window, marked),
+        "reset": (marked - 1, 0),
+    }[case]
+    prompt = history[:keep] + ids(6, 3)
+    todo = cache.prepare(prompt)
+    assert len(prompt) - len(todo) == expected_start
+    return prompt, todo

@@ -5,7 +5,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from helpers import reference_greedy
+from helpers import REWIND_CASES, reference_greedy, rewind_through
 from mlx_gptoss.cache import PromptCache
 from mlx_gptoss.generate import (
     GenerationResult,
@@ -62,27 +62,12 @@ def fresh_logits(model, tokens):
     return np.array(prefill(model, mx.array([tokens]), model.make_cache(), chunk_size=7))
 
 
-@pytest.mark.parametrize("case", ["extend", "trim", "snapshot", "reset"])
+@pytest.mark.parametrize("case", REWIND_CASES)
 def test_prompt_cache_rewinds_exactly(chat_model, case):
     """Every way back (trim within the slack, a snapshot, a full reset) is exact."""
     model, _ = chat_model
-    window = model.config.sliding_window
-    history = ids(5 * window, 2)
-    marked = 2 * window + 3
     cache = PromptCache.for_model(model, sliding_slack=2)
-    for part in (history[:marked], history[marked:]):
-        prefill(model, mx.array([part]), cache.layers)
-        cache.advance(part)
-        cache.mark()
-    keep, expected_start = {
-        "extend": (len(history), len(history)),
-        "trim": (len(history) - 2, len(history) - 2),
-        "snapshot": (marked + window, marked),
-        "reset": (marked - 1, 0),
-    }[case]
-    prompt = history[:keep] + ids(6, 3)
-    todo = cache.prepare(prompt)
-    assert len(prompt) - len(todo) == expected_start
+    prompt, todo = rewind_through(model, cache, case, ids)
     got = np.array(prefill(model, mx.array([todo]), cache.layers, chunk_size=5))
     np.testing.assert_allclose(got, fresh_logits(model, prompt), atol=2e-5)
     assert all(layer.offset == len(prompt) for layer in cache.layers)

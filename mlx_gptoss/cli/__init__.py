@@ -56,9 +56,9 @@ def _register() -> None:
 
     app.add_typer(harmony.app, name="harmony")
     # Top-level commands: each module defines `register(app: typer.Typer) -> None`.
-    from . import bench, chat, convert, demo, generate, serve
+    from . import bench, chat, convert, demo, fuse, generate, lora, serve
 
-    for module in (demo, convert, generate, chat, bench, serve):
+    for module in (demo, convert, generate, chat, bench, serve, lora, fuse):
         module.register(app)
     _register.done = True
 

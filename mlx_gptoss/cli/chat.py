@@ -21,6 +21,7 @@ from ..env import user_cache_dir
 from ..errors import GptOssError
 from . import interrupts
 from .generate import (
+    ADAPTER,
     BROWSER,
     BROWSER_ALLOW_PRIVATE,
     BROWSER_SEARCH,
@@ -29,6 +30,7 @@ from .generate import (
     EFFORT,
     EFFORTS,
     JSON_SCHEMA,
+    KV_BITS,
     MAX_REASONING_TOKENS,
     MAX_TOKENS,
     MAX_TOOL_ROUNDS,
@@ -294,7 +296,9 @@ def chat(
     json_schema: Optional[Path] = JSON_SCHEMA,
     max_reasoning_tokens: Optional[int] = MAX_REASONING_TOKENS,
     dtype: Optional[str] = DTYPE,
+    adapter: Optional[Path] = ADAPTER,
     parallel: str = PARALLEL,
+    kv_bits: Optional[int] = KV_BITS,
     load_file: Optional[Path] = typer.Option(None, "--load", help="Start from a saved chat."),
     stats: Optional[bool] = STATS,
     verbose: bool = VERBOSE,
@@ -308,7 +312,8 @@ def chat(
                         confirm_code=None if python_auto else _ask_to_run,
                         browser=browser, browser_search=browser_search,
                         browser_allow_private=browser_allow_private,
-                        max_reasoning_tokens=max_reasoning_tokens, parallel=parallel)
+                        max_reasoning_tokens=max_reasoning_tokens, adapter=adapter,
+                        parallel=parallel, kv_bits=kv_bits)
     if load_file is not None:
         session.load(load_file)
     display = Display(session.tokenizer, show_reasoning=show_reasoning, verbose=verbose,

@@ -40,14 +40,17 @@ def load_chat(model: str, dtype: Optional[str], *, effort: str, system: Optional
               max_tool_rounds: int, on_tool_call=None, json_schema: Optional[Path] = None,
               python_unsafe: bool = False, confirm_code=None, browser: bool = False,
               browser_search: Optional[str] = None, browser_allow_private: bool = False,
-              max_reasoning_tokens: Optional[int] = None, parallel: str = "auto"):
+              max_reasoning_tokens: Optional[int] = None, adapter: Optional[Path] = None,
+              parallel: str = "auto", kv_bits: Optional[int] = None):
     """Everything both commands need: loaded model, tools, sampling, a `Chat`.
 
     Every option is checked, and every file read, before the model loads (which can take
     minutes and download gigabytes)."""
+    from ..cache import KV_BITS as KV_CACHE_BITS
     from ..chat import Chat
     from ..constrained import load_json_schema
     from ..distributed import load
+    from ..memory import estimate_memory
     from ..tools.functions import load_tools_file
 
     overrides = check_sampling_options(temperature=temperature, top_p=top_p, top_k=top_k,
@@ -57,22 +60,30 @@ def load_chat(model: str, dtype: Optional[str], *, effort: str, system: Optional
         from ..loading import resolve_dtype
 
         resolve_dtype(dtype)
+    if kv_bits is not None and kv_bits not in KV_CACHE_BITS:
+        raise GptOssError(f"--kv-bits must be one of {', '.join(map(str, KV_CACHE_BITS))}, "
+                          f"got {kv_bits}")
     functions = load_tools_file(tools) if tools is not None else []
     response_format = load_json_schema(json_schema) if json_schema is not None else None
     python_tool, browser_tool = builtin_tools(
         python=python, python_unsafe=python_unsafe, confirm_code=confirm_code, browser=browser,
         browser_search=browser_search, browser_allow_private=browser_allow_private)
-    net, tokenizer = load(model, dtype, parallel=parallel)
+    net, tokenizer = load(model, dtype, adapter=adapter, parallel=parallel)
     context = getattr(net.config, "max_position_embeddings", None)
     if context is not None and max_tokens > context:
         raise GptOssError(f"--max-tokens {max_tokens} is more than the model's context length "
                           f"({context} tokens)")
     sampling = net.sampling_defaults.with_overrides(**overrides)
-    return Chat(net, tokenizer, instructions=developer, system=system, reasoning_effort=effort,
-                tools=functions, python=python_tool or False, browser=browser_tool or False,
-                on_tool_call=on_tool_call, max_reasoning_tokens=max_reasoning_tokens,
-                max_tool_rounds=max_tool_rounds, max_tokens=max_tokens, sampling=sampling,
-                response_format=response_format)
+    session = Chat(net, tokenizer, instructions=developer, system=system,
+                   reasoning_effort=effort, tools=functions, python=python_tool or False,
+                   browser=browser_tool or False, on_tool_call=on_tool_call,
+                   max_reasoning_tokens=max_reasoning_tokens, max_tool_rounds=max_tool_rounds,
+                   max_tokens=max_tokens, sampling=sampling, response_format=response_format,
+                   kv_bits=kv_bits)
+    warning = estimate_memory(net, max_tokens, kv_bits).warning()  # before any prompt runs
+    if warning:
+        print(warning, file=sys.stderr)
+    return session
 
 
 def builtin_tools(*, python: bool, python_unsafe: bool, confirm_code, browser: bool,
@@ -149,12 +160,17 @@ MAX_REASONING_TOKENS = typer.Option(
          "enough that the answer fits in --max-tokens).")
 JSON_SCHEMA = typer.Option(None, "--json-schema",
                            help="JSON Schema file: every answer is JSON that validates against it.")
+ADAPTER = typer.Option(None, "--adapter", "--adapter-path",
+                       help="LoRA adapter directory (PEFT format, e.g. from `mlx-gptoss lora`).")
 PARALLEL = typer.Option("auto", "--parallel", help=(
     "Under mlx.launch: expert, pipeline or auto (expert unless there are more ranks than "
     "experts); counts per rank may follow, e.g. pipeline:10,14. See docs/distributed.md."))
 DTYPE = typer.Option(None, "--dtype",
                      help="Compute dtype (bfloat16, float32...). Default: float32 activations "
                           "on the CPU backend, bfloat16 on a GPU.")
+KV_BITS = typer.Option(None, "--kv-bits", metavar="<8|4>",
+                       help="Quantize the full-attention layers' KV cache to 8 or 4 bits "
+                            "(long contexts in less memory; docs/long-context.md).")
 STATS = typer.Option(None, "--stats/--no-stats",
                      help="Speed and memory of each generation on stderr (default: on when "
                           "stderr is a terminal).")
@@ -380,7 +396,9 @@ def generate(
     json_schema: Optional[Path] = JSON_SCHEMA,
     max_reasoning_tokens: Optional[int] = MAX_REASONING_TOKENS,
     dtype: Optional[str] = DTYPE,
+    adapter: Optional[Path] = ADAPTER,
     parallel: str = PARALLEL,
+    kv_bits: Optional[int] = KV_BITS,
     as_json: bool = typer.Option(False, "--json", help="One JSON event per line on stdout."),
     stats: Optional[bool] = STATS,
     verbose: bool = VERBOSE,
@@ -411,10 +429,10 @@ def generate(
                          python_unsafe=python_unsafe, browser=browser,
                          browser_search=browser_search,
                          browser_allow_private=browser_allow_private,
-                         max_reasoning_tokens=max_reasoning_tokens,
+                         max_reasoning_tokens=max_reasoning_tokens, adapter=adapter,
                          temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                          seed=seed, max_tokens=max_tokens, max_tool_rounds=max_tool_rounds,
-                         json_schema=json_schema, parallel=parallel)
+                         json_schema=json_schema, parallel=parallel, kv_bits=kv_bits)
         display = Display(chat.tokenizer, show_reasoning=show_reasoning, as_json=as_json,
                           verbose=verbose, stats=stats, hold_answer=json_schema is not None)
         if history is not None:

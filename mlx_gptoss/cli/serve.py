@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ..errors import GptOssError
-from .generate import (BROWSER, BROWSER_ALLOW_PRIVATE, BROWSER_SEARCH, DTYPE, PYTHON,
+from .generate import (ADAPTER, BROWSER, BROWSER_ALLOW_PRIVATE, BROWSER_SEARCH, DTYPE, PYTHON,
                        PYTHON_UNSAFE, model_option)
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")  # as server.app.LOOPBACK_HOSTS (not imported: slow)
@@ -37,6 +37,7 @@ def serve(
     browser_search: Optional[str] = BROWSER_SEARCH,
     browser_allow_private: bool = BROWSER_ALLOW_PRIVATE,
     dtype: Optional[str] = DTYPE,
+    adapter: Optional[Path] = ADAPTER,
 ) -> None:
     """Serve a model over OpenAI's Responses and Chat Completions APIs."""
     from ..engine import Engine
@@ -45,7 +46,7 @@ def serve(
     from ..server import serve as run
 
     tools = builtin_tools(python, python_unsafe, browser, browser_search, browser_allow_private)
-    net, tokenizer = load(model, dtype)
+    net, tokenizer = load(model, dtype, adapter=adapter)
     # Several rows: the batched engine; one: the pipelined single-sequence loop (lower latency).
     engine = Engine(net, tokenizer, max_batch=max_concurrency) if max_concurrency > 1 else None
     # "openai/gpt-oss-20b" and "~/models/gpt-oss-20b/" both serve as "gpt-oss-20b"

@@ -34,11 +34,13 @@ from .parser import (
 )
 from .render import (
     RenderConversationConfig,
+    RenderedExample,
     developer_text,
     dropped_analysis,
     render_conversation,
     render_conversation_for_completion,
     render_conversation_for_training,
+    render_for_training,
     render_message,
     system_text,
 )
@@ -55,12 +57,12 @@ from .typescript import schema_to_typescript
 __all__ = [
     "AnswerDone", "Author", "ChannelConfig", "Content", "Conversation", "DeveloperContent",
     "Event", "HarmonyTokenizer", "Message", "MessageEnd", "MessageStart", "ReasoningEffort",
-    "Recovery", "RenderConversationConfig", "ResponseFormat", "Role", "State", "StreamParser",
+    "Recovery", "RenderConversationConfig", "RenderedExample", "ResponseFormat", "Role", "State", "StreamParser",
     "SystemContent", "TextContent", "TextDelta", "ToolCall", "ToolDescription",
     "ToolNamespaceConfig", "VOCAB_FILENAME", "VOCAB_SHA256", "copy_vocabulary",
     "developer_text", "dropped_analysis", "find_vocabulary", "load_tokenizer", "parse_messages",
     "parser_after",
     "render_conversation", "render_conversation_for_completion",
-    "render_conversation_for_training", "render_message", "schema_to_typescript", "system_text",
+    "render_conversation_for_training", "render_for_training", "render_message", "schema_to_typescript", "system_text",
     "validate_conversation", "validate_message",
 ]

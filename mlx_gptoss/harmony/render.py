@@ -255,3 +255,41 @@ def render_conversation_for_training(conversation: Conversation | Iterable[Messa
     if messages and Role(messages[-1].author.role) is Role.ASSISTANT and messages[-1].channel == FINAL:
         out[-1] = tok.return_
     return out
+
+
+@dataclass
+class RenderedExample:
+    """A training sample: its tokens, and `(message index, start, stop)` token spans."""
+
+    tokens: list[int]
+    spans: list[tuple[int, int, int]]
+
+
+def render_for_training(conversation: Conversation | Iterable[Message], trained_from: int,
+                        tokenizer: HarmonyTokenizer | None = None) -> RenderedExample:
+    """The training form of a conversation whose messages from `trained_from` on are trained.
+
+    Earlier messages render as at inference (the analysis of every finished turn dropped: the
+    model never sees stale reasoning); from `trained_from` on everything stays, the trained
+    turn's reasoning included — unlike openai-harmony's default training render, which drops
+    the reasoning of single-turn data. A closing final answer ends with `<|return|>`, a closing
+    tool call with `<|call|>`, as the model emits them.
+    """
+    messages = _messages(conversation)
+    tok = tokenizer or load_tokenizer()
+    function_tools = has_function_tools(messages)
+    skip = dropped_analysis(messages[:trained_from], RenderConversationConfig(
+        drop_finished_turns=True))
+    tokens: list[int] = []
+    spans: list[tuple[int, int, int]] = []
+    for i, message in enumerate(messages):
+        if i in skip:
+            continue
+        start = len(tokens)
+        tokens += render_message(message, tok, function_tools=function_tools, index=i)
+        spans.append((i, start, len(tokens)))
+    last = messages[-1] if messages else None
+    if last is not None and Role(last.author.role) is Role.ASSISTANT and last.channel == "final" \
+            and last.recipient is None:
+        tokens[-1] = tok.return_
+    return RenderedExample(tokens, spans)

@@ -1,0 +1,293 @@
+"""LoRA training: loss, optimizer schedule, the loop, checkpoints and resume.
+
+The loss is the mean cross-entropy over the trained tokens of a batch (`train_data`), computed
+from the final activations of only those positions, in chunks of `loss_chunk` rows, each chunk
+under `mx.checkpoint`: the float32 logits over the 201,088-token vocabulary (1.65 GB per 2,048
+positions) never exist for more than one chunk, in the forward or the backward pass.
+Gradient accumulation sums the per-token loss over micro-batches and divides once by their
+trained tokens, so it equals one large batch exactly.
+
+A checkpoint (every `save_every` steps) is a PEFT adapter directory plus the optimizer state
+and the step; the data order is a pure function of the seed and the epoch, and dropout draws
+are seeded per step, so a resumed run continues the same loss curve.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .errors import GptOssError
+from .lora import AdapterError, read_adapter_tensors, save_adapter, set_adapter_tensors
+from .model import Model
+from .train_data import Example
+
+OPTIMIZER_STATE = "optimizer.safetensors"
+TRAINER_STATE = "trainer_state.json"
+
+
+@dataclass
+class TrainConfig:
+    iters: int = 1000
+    batch_size: int = 4
+    learning_rate: float = 1e-4
+    warmup: int | None = None  # steps; default 3% of iters (at least 1 when iters > 1)
+    min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak
+    weight_decay: float = 0.0
+    grad_accumulation: int = 1
+    grad_checkpoint: bool = False
+    steps_per_report: int = 10
+    steps_per_eval: int = 200
+    val_batches: int = 25  # -1: the whole validation set
+    save_every: int = 100
+    seed: int = 0
+    loss_chunk: int = 1024
+
+    def warmup_steps(self) -> int:
+        if self.warmup is not None:
+            return self.warmup
+        return max(1, round(0.03 * self.iters)) if self.iters > 1 else 0
+
+
+# --------------------------------------------------------------------------- loss
+
+
+@dataclass
+class Batch:
+    """Padded inputs `[B, T]`, and the flat positions (into `B*T`) and ids of the targets."""
+
+    inputs: mx.array
+    positions: mx.array
+    targets: mx.array
+
+    @property
+    def tokens(self) -> int:
+        return int(self.targets.size)
+
+
+def make_batch(examples: Sequence[Example]) -> Batch:
+    """Right-padded inputs (causal attention: padding never reaches a trained position)."""
+    width = max(len(e.tokens) for e in examples) - 1
+    inputs = np.zeros((len(examples), width), dtype=np.int32)
+    positions, targets = [], []
+    for row, e in enumerate(examples):
+        n = len(e.tokens) - 1
+        inputs[row, :n] = e.tokens[:-1]
+        trained = np.nonzero(e.weights[1:])[0]
+        positions.append(row * width + trained)
+        targets.append(e.tokens[1:][trained])
+    return Batch(mx.array(inputs), mx.array(np.concatenate(positions).astype(np.int32)),
+                 mx.array(np.concatenate(targets).astype(np.int32)))
+
+
+def _checkpointed(layer: nn.Module) -> Callable:
+    """A block whose activations are recomputed in the backward pass instead of kept."""
+
+    def run(x, mask, cache, last_only):
+        def inner(params, x):
+            layer.update(params)
+            return layer(x, mask, cache, last_only)
+
+        return mx.checkpoint(inner)(layer.trainable_parameters(), x)
+
+    return run
+
+
+def loss_sum(model: Model, batch: Batch, *, chunk: int = 1024,
+             grad_checkpoint: bool = False) -> mx.array:
+    """Sum over the batch's trained tokens of -log p(target) (float32)."""
+    h = model.features(batch.inputs, wrap_layer=_checkpointed if grad_checkpoint else None)
+    h = h.reshape(-1, h.shape[-1])[batch.positions]
+
+    def chunk_loss(targets: mx.array) -> Callable:
+        def run(h: mx.array) -> mx.array:  # the targets stay constants of the checkpoint
+            logits = model.head(h).astype(mx.float32)
+            picked = mx.take_along_axis(logits, targets[:, None], axis=-1).squeeze(-1)
+            return (mx.logsumexp(logits, axis=-1) - picked).sum()
+
+        return mx.checkpoint(run)
+
+    total = mx.array(0.0, dtype=mx.float32)
+    for start in range(0, h.shape[0], chunk):
+        total = total + chunk_loss(batch.targets[start:start + chunk])(h[start:start + chunk])
+    return total
+
+
+def loss_and_grad(model: Model, batches: Sequence[Batch], *, chunk: int = 1024,
+                  grad_checkpoint: bool = False) -> tuple[mx.array, dict, int]:
+    """Mean loss over all trained tokens of `batches` and its gradient wrt the adapters."""
+    value_and_grad = nn.value_and_grad(
+        model, lambda b: loss_sum(model, b, chunk=chunk, grad_checkpoint=grad_checkpoint))
+    total, grads, tokens = mx.array(0.0), None, 0
+    for batch in batches:
+        loss, g = value_and_grad(batch)
+        total = total + loss
+        grads = g if grads is None else tree_map_add(grads, g)
+        tokens += batch.tokens
+        mx.eval(total, grads)
+    scale = 1.0 / max(tokens, 1)
+    grads = tree_unflatten([(k, v * scale) for k, v in tree_flatten(grads)])
+    return total * scale, grads, tokens
+
+
+def tree_map_add(a: dict, b: dict) -> dict:
+    flat_b = dict(tree_flatten(b))
+    return tree_unflatten([(k, v + flat_b[k]) for k, v in tree_flatten(a)])
+
+
+def evaluate(model: Model, examples: Sequence[Example], batch_size: int, batches: int = -1,
+             chunk: int = 1024) -> float:
+    """Mean validation loss per trained token (dropout off)."""
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    for i, start in enumerate(range(0, len(examples), batch_size)):
+        if batches >= 0 and i >= batches:
+            break
+        batch = make_batch(examples[start:start + batch_size])
+        total += loss_sum(model, batch, chunk=chunk).item()
+        tokens += batch.tokens
+    model.train(was_training)
+    return total / max(tokens, 1)
+
+
+# --------------------------------------------------------------------------- schedule and order
+
+
+def schedule(config: TrainConfig) -> Callable:
+    """Linear warmup to the peak, then cosine decay to `min_lr_ratio` of it (TRL's
+    `cosine_with_min_lr`, the cookbook's choice)."""
+    peak, warmup = config.learning_rate, config.warmup_steps()
+    decay = optim.cosine_decay(peak, max(config.iters - warmup, 1), peak * config.min_lr_ratio)
+    if warmup == 0:
+        return decay
+    return optim.join_schedules([optim.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def batch_indices(n: int, batch_size: int, step: int, accumulation: int, seed: int
+                  ) -> list[list[int]]:
+    """The example indices of each micro-batch of `step`: epochs of seeded permutations."""
+    per_step = batch_size * accumulation
+    out = []
+    for micro in range(accumulation):
+        first = step * per_step + micro * batch_size
+        rows = []
+        for k in range(first, first + batch_size):
+            epoch, offset = divmod(k, n)
+            rows.append(int(np.random.default_rng([seed, epoch]).permutation(n)[offset]))
+        out.append(rows)
+    return out
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(model: Model, optimizer: optim.Optimizer, step: int, path: Path,
+                    config: TrainConfig, base_model: str | None) -> Path:
+    save_adapter(model, path, base_model)
+    state = dict(tree_flatten(optimizer.state))
+    mx.save_safetensors(str(path / OPTIMIZER_STATE), state)
+    (path / TRAINER_STATE).write_text(json.dumps({"step": step, "config": asdict(config)},
+                                                 indent=2) + "\n")
+    return path
+
+
+def latest_checkpoint(adapter_path: Path) -> Path | None:
+    found = sorted(adapter_path.glob("checkpoint-*/" + TRAINER_STATE))
+    return found[-1].parent if found else None
+
+
+def restore_checkpoint(model: Model, optimizer: optim.Optimizer, path: Path) -> int:
+    """Adapter weights and optimizer state from a checkpoint; returns its step."""
+    try:
+        step = int(json.loads((path / TRAINER_STATE).read_text())["step"])
+        state = mx.load(str(path / OPTIMIZER_STATE))
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise AdapterError(f"{path}: unreadable checkpoint ({e})") from None
+    set_adapter_tensors(model, read_adapter_tensors(path), str(path))
+    optimizer.state = tree_unflatten(list(state.items()))
+    return step
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(model: Model, train_set: Sequence[Example], adapter_path: str | Path,
+          config: TrainConfig, *, val_set: Sequence[Example] = (), resume: bool | str = False,
+          base_model: str | None = None, log: Callable[[str], None] = print) -> list[float]:
+    """Train the model's adapters; returns the reported training losses (one per step).
+
+    Writes `checkpoint-NNNNNNN/` every `save_every` steps and the final adapter into
+    `adapter_path`. `resume=True` continues from the latest checkpoint there (a path: from
+    that checkpoint).
+    """
+    if not train_set:
+        raise GptOssError("no training examples")
+    if config.batch_size < 1 or config.grad_accumulation < 1 or config.iters < 1:
+        raise GptOssError("--iters, --batch-size and --grad-accumulation must be positive")
+    adapter_path = Path(adapter_path)
+    optimizer = optim.AdamW(learning_rate=schedule(config), weight_decay=config.weight_decay)
+    optimizer.init(model.trainable_parameters())
+    start = 0
+    if resume:
+        where = Path(resume) if isinstance(resume, (str, Path)) and not isinstance(resume, bool) \
+            else latest_checkpoint(adapter_path)
+        if where is None:
+            raise GptOssError(f"{adapter_path}: no checkpoint to resume from")
+        start = restore_checkpoint(model, optimizer, where)
+        log(f"Resuming from {where} at iteration {start}")
+    model.train()
+    losses: list[float] = []
+    window_loss, window_tokens, window_steps, trained_tokens = 0.0, 0, 0, 0
+    tic = time.perf_counter()
+    mx.reset_peak_memory()
+    for step in range(start, config.iters):
+        mx.random.seed(config.seed * 1_000_003 + step)  # dropout draws, reproducible on resume
+        micro = [make_batch([train_set[i] for i in rows]) for rows in batch_indices(
+            len(train_set), config.batch_size, step, config.grad_accumulation, config.seed)]
+        loss, grads, tokens = loss_and_grad(model, micro, chunk=config.loss_chunk,
+                                            grad_checkpoint=config.grad_checkpoint)
+        optimizer.update(model, grads)
+        mx.eval(model.trainable_parameters(), optimizer.state, loss)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise GptOssError(f"iteration {step + 1}: the loss is {value}; lower "
+                              "--learning-rate")
+        losses.append(value)
+        window_loss += value * tokens
+        window_tokens += tokens
+        window_steps += 1
+        trained_tokens += tokens
+        it = step + 1
+        if it % config.steps_per_report == 0 or it == config.iters:
+            elapsed = time.perf_counter() - tic
+            log(f"Iter {it}: Train loss {window_loss / max(window_tokens, 1):.3f}, "
+                f"Learning Rate {optimizer.learning_rate.item():.3e}, "
+                f"It/sec {window_steps / elapsed:.3f}, Tokens/sec {window_tokens / elapsed:.3f}, "
+                f"Trained Tokens {trained_tokens}, "
+                f"Peak mem {mx.get_peak_memory() / 1e9:.3f} GB")
+            window_loss, window_tokens, window_steps = 0.0, 0, 0
+            tic = time.perf_counter()
+        if val_set and (it % config.steps_per_eval == 0 or it == config.iters):
+            t0 = time.perf_counter()
+            val = evaluate(model, val_set, config.batch_size, config.val_batches,
+                           config.loss_chunk)
+            log(f"Iter {it}: Val loss {val:.3f}, Val took {time.perf_counter() - t0:.3f}s")
+            tic += time.perf_counter() - t0
+        if config.save_every > 0 and it % config.save_every == 0:
+            where = save_checkpoint(model, optimizer, it, adapter_path / f"checkpoint-{it:07d}",
+                                    config, base_model)
+            log(f"Iter {it}: Saved adapter checkpoint to {where}")
+    model.eval()
+    save_adapter(model, adapter_path, base_model)
+    log(f"Saved final adapter to {adapter_path}")
+    return losses
