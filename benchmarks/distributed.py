@@ -174,8 +174,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for n in [int(x) for x in args.ranks.split(",")]:
             for strategy in (["auto"] if n == 1 else args.strategies.split(",")):
-                if strategy == "pipeline" and n > args.layers:
-                    print(f"skipped: pipeline over {n} ranks needs {n} layers", flush=True)
+                if strategy == "pipeline" and 2 * n > args.layers:  # both kinds per stage
+                    print(f"skipped: pipeline over {n} ranks needs {2 * n} layers", flush=True)
                     continue
                 rows.append(run_ranks(n, strategy, args, path, Path(tmp)))
                 print(json.dumps(rows[-1]), flush=True)

@@ -259,8 +259,28 @@ def plan(cfg: ModelConfig, group: mx.distributed.Group, parallel: str = "auto") 
     if len(counts) != size or sum(counts) != total or min(counts) < 1:
         raise DistributedError(f"--parallel {parallel}: need {size} counts of at least 1 "
                                f"summing to the model's {total} {what}, got {counts}")
-    start = sum(counts[:group.rank()])
-    return Shard(strategy, group, range(start, start + counts[group.rank()]), total)
+    parts = [range(sum(counts[:r]), sum(counts[:r + 1])) for r in range(size)]
+    if strategy == "pipeline":
+        _check_stages(cfg, parts)
+    return Shard(strategy, group, parts[group.rank()], total)
+
+
+def _check_stages(cfg: ModelConfig, parts: list[range]) -> None:
+    """Every stage must hold both attention kinds the model has.
+
+    The prompt cache rewinds a stage's caches by trimming only when all of them can (a
+    sliding cache cannot go back past its slack, a full one always can), else from a
+    snapshot: a stage of full layers alone would rewind elsewhere than a stage with sliding
+    ones, prefill other tokens, and the ranks would wait on each other forever.
+    """
+    kinds = set(cfg.sliding_layers)
+    for rank, part in enumerate(parts):
+        if set(cfg.sliding_layers[part.start:part.stop]) != kinds:
+            raise DistributedError(
+                f"pipeline stage {rank} (layers {part.start}-{part.stop - 1}) lacks a sliding or "
+                "a full attention layer; every stage needs both (here at least 2 consecutive "
+                "layers) so that all ranks' prompt caches rewind alike: use fewer ranks, other "
+                "counts, or --parallel expert")
 
 
 # --------------------------------------------------------------------------- loading
