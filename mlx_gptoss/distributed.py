@@ -288,19 +288,25 @@ def _check_stages(cfg: ModelConfig, parts: list[range]) -> None:
 
 def load(model: str | os.PathLike, dtype: str | mx.Dtype | None = None, *,
          group: mx.distributed.Group | None = None, parallel: str = "auto",
-         adapter: str | os.PathLike | None = None,
+         adapter: str | os.PathLike | None = None, tools: Sequence[str] = (),
          log: Callable[[str], None] | None = None) -> tuple[Model, Any]:
     """`(model, tokenizer)` with this rank's share of the model (the whole one on one rank).
 
     `model` is a directory or hub repo id (see `hub.load`); `group` defaults to the global
     group (`mx.distributed.init()`); `parallel` is `auto`, `expert`, `pipeline`, optionally with
     counts per rank (`pipeline:10,14`). Each rank logs its load line (stderr by default).
-    `adapter`: a LoRA adapter directory (see `hub.load`), on one process only for now.
+    `adapter`: a LoRA adapter directory (see `hub.load`), on one process only for now; so are
+    the built-in `tools` the caller names (e.g. `("--python",)`): they are refused on more ranks.
     """
     from .hub import load as hub_load, resolve_model
 
     group = group if group is not None else init_group()
     parse_parallel(parallel)  # a bad value is an error on one process too
+    if group.size() > 1 and tools:
+        # Each rank would run the tool itself and could read a different result: the ranks'
+        # prompts, and so their collectives, would part.
+        raise DistributedError(f"{' and '.join(tools)} run on one process only for now "
+                               "(under mlx.launch every rank would run them)")
     if group.size() == 1:
         return hub_load(model, dtype, adapter=adapter)
     if adapter is not None:

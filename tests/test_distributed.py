@@ -341,3 +341,22 @@ def test_chat_under_mlx_launch(chat4_checkpoint, tmp_path):
     assert two.returncode == 0, two.stderr
     assert two.stdout == one.stdout
     assert one.stdout.strip()
+
+
+def test_built_in_tools_and_adapters_are_refused_on_several_ranks():
+    """Every rank would run the tool itself (and might read another result): refused, before
+    anything loads."""
+    from mlx_gptoss import distributed
+    from mlx_gptoss.errors import DistributedError
+
+    class TwoRanks:
+        def size(self) -> int:
+            return 2
+
+        def rank(self) -> int:
+            return 0
+
+    with pytest.raises(DistributedError, match="--python and --browser run on one process"):
+        distributed.load("never-read", group=TwoRanks(), tools=["--python", "--browser"])
+    with pytest.raises(DistributedError, match="--adapter runs on one process"):
+        distributed.load("never-read", group=TwoRanks(), adapter="also-never-read")

@@ -68,7 +68,8 @@ def load_chat(model: str, dtype: Optional[str], *, effort: str, system: Optional
     python_tool, browser_tool = builtin_tools(
         python=python, python_unsafe=python_unsafe, confirm_code=confirm_code, browser=browser,
         browser_search=browser_search, browser_allow_private=browser_allow_private)
-    net, tokenizer = load(model, dtype, adapter=adapter, parallel=parallel)
+    used = [flag for flag, on in (("--python", python), ("--browser", browser)) if on]
+    net, tokenizer = load(model, dtype, adapter=adapter, parallel=parallel, tools=used)
     context = getattr(net.config, "max_position_embeddings", None)
     if context is not None and max_tokens > context:
         raise GptOssError(f"--max-tokens {max_tokens} is more than the model's context length "
