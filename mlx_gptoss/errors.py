@@ -55,3 +55,7 @@ class KVQuantizationError(GptOssError):
 
 class ContextLengthError(GptOssError):
     """A prompt or generation would run past the model's `max_position_embeddings`."""
+
+
+class DataError(GptOssError):
+    """A training data file or row is malformed."""

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .errors import GptOssError, HarmonyError
+from .errors import DataError, GptOssError, HarmonyError
 from .harmony import (
     Author,
     Conversation,
@@ -40,8 +40,6 @@ MASKS = ("assistant", "final")
 OVERFLOW = ("truncate", "drop")
 
 
-class DataError(GptOssError):
-    """A training data file or row is malformed."""
 
 
 @dataclass
@@ -164,7 +162,8 @@ def chat_to_harmony(row: dict, where: str) -> list[Message]:
     return header + ([dev] if dev is not None else []) + body
 
 
-def _is_harmony(row: dict) -> bool:
+def is_harmony_row(row: dict) -> bool:
+    """Whether a `{"messages": [...]}` row is openai-harmony JSON (else OpenAI chat shape)."""
     for m in row.get("messages") or []:
         if isinstance(m, dict) and ("channel" in m or "recipient" in m or any(
                 isinstance(p, dict) and p.get("type") in ("system_content", "developer_content")
@@ -176,7 +175,7 @@ def _is_harmony(row: dict) -> bool:
 def row_messages(row: Any, where: str) -> list[Message]:
     if not isinstance(row, dict):
         raise DataError(f"{where}: a row must be a JSON object with 'messages'")
-    if _is_harmony(row):
+    if is_harmony_row(row):
         try:
             return Conversation.from_dict({"messages": row["messages"]}).messages
         except HarmonyError as e:

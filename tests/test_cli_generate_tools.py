@@ -122,3 +122,28 @@ def test_a_script_answers_the_call_through_a_conversation_file(chat_model, tools
     code, _, err = cli(capsys, "generate", "-m", tmp_path / "no-model", "--conversation",
                        conversation)  # checked before the model is looked for
     assert code == 2 and err.startswith(f"error: {conversation}: message 0: unknown role")
+
+
+def test_a_conversation_file_in_openai_messages_shape(chat_model, tools_file, tmp_path,
+                                                      monkeypatch, capsys):
+    """Issue 19, item 7: an OpenAI chat history (content strings, tool_calls, a tool message)
+    continues the same way; the command's own settings apply, as the file sets none."""
+    model = use_script(monkeypatch, chat_model, ANSWER)
+    conversation = tmp_path / "openai.json"
+    conversation.write_text(json.dumps({"messages": [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [{
+            "id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"location": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"sky": "clear"}'}]}))
+    code, out, _ = cli(capsys, "generate", "-m", "x", "--tools", tools_file, "-r", "high",
+                       "--conversation", conversation)
+    assert code == 0 and out == "Sunny.\n"
+    prompt = _decode(model.prefills[-1])
+    assert "Reasoning: high" in prompt and "type get_weather" in prompt
+    assert ('<|start|>assistant to=functions.get_weather<|channel|>commentary '
+            '<|constrain|>json<|message|>{"location": "Paris"}<|call|>') in prompt
+    assert prompt.endswith('<|start|>functions.get_weather to=assistant<|channel|>commentary'
+                           '<|message|>{"sky": "clear"}<|end|><|start|>assistant')
+    saved = json.loads(conversation.read_text())["messages"]  # written back as harmony JSON
+    assert saved[-1]["role"] == "assistant" and saved[-1]["content"][0]["text"] == "Sunny."

@@ -50,6 +50,7 @@ def load_chat(model: str, dtype: Optional[str], *, effort: str, system: Optional
     from ..chat import Chat
     from ..constrained import load_json_schema
     from ..distributed import load
+    from ..config import ModelConfig
     from ..memory import estimate_memory
     from ..tools.functions import load_tools_file
 
@@ -81,9 +82,10 @@ def load_chat(model: str, dtype: Optional[str], *, effort: str, system: Optional
                    max_reasoning_tokens=max_reasoning_tokens, max_tool_rounds=max_tool_rounds,
                    max_tokens=max_tokens, sampling=sampling, response_format=response_format,
                    kv_bits=kv_bits)
-    warning = estimate_memory(net, max_tokens, kv_bits).warning()  # before any prompt runs
-    if warning:
-        print(warning, file=sys.stderr)
+    if isinstance(net.config, ModelConfig):  # a gpt-oss model (not a stand-in): its memory
+        warning = estimate_memory(net, max_tokens, kv_bits).warning()  # before any prompt runs
+        if warning:
+            print(warning, file=sys.stderr)
     return session
 
 
@@ -337,16 +339,30 @@ def read_conversation(path: Optional[Path]) -> Optional[list]:
     """The messages of a `--conversation` file (None: no option, or a file still to create),
     read and validated before the model loads."""
     from ..env import read_json
-    from ..errors import HarmonyError
-    from ..harmony import Conversation
+    from ..errors import DataError, HarmonyError
+    from ..harmony import Conversation, Role
+    from ..train_data import is_harmony_row, row_messages
 
     if path is None or not path.exists():
         return None
     data = read_json(path, "conversation", expect=dict, error=HarmonyError)
+    if is_harmony_row(data) or not isinstance(data.get("messages"), list):
+        try:
+            return list(Conversation.from_dict(data))
+        except HarmonyError as e:
+            raise HarmonyError(f"{path}: {e}") from None
+    # OpenAI chat messages (content strings, tool_calls, tool messages, reasoning fields): the
+    # fine-tuning data reader converts them; its system/developer header only when the file
+    # says something the command's settings should give way to.
     try:
-        return list(Conversation.from_dict(data))
-    except HarmonyError as e:
-        raise HarmonyError(f"{path}: {e}") from None
+        messages = row_messages(data, str(path))
+    except DataError as e:
+        raise HarmonyError(str(e)) from None
+    has_header = "reasoning_effort" in data or "tools" in data or any(
+        isinstance(m, dict) and m.get("role") in ("system", "developer") for m in data["messages"])
+    if not has_header:
+        messages = [m for m in messages if m.author.role not in (Role.SYSTEM, Role.DEVELOPER)]
+    return messages
 
 
 def ends_with_tool_result(messages: Optional[list]) -> bool:
@@ -406,7 +422,8 @@ def generate(
     conversation: Optional[Path] = typer.Option(
         None, "--conversation", help="Continue the conversation in this file (openai-harmony "
         "JSON, as chat's /save writes; created if missing) and write the turn back to it. If "
-        "it ends with a tool's result, the turn resumes: no prompt."),
+        "it ends with a tool's result, the turn resumes: no prompt. OpenAI chat messages JSON "
+        "({\"messages\": [...]}) is read too and written back as harmony JSON."),
 ) -> None:
     """Generate an answer to one prompt (from --prompt or stdin).
 
