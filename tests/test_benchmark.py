@@ -53,6 +53,7 @@ def test_results_cover_both_implementations_and_every_size(results):
     json.dumps(results)  # plain data throughout
 
 
+@pytest.mark.slow
 def test_same_weights_give_same_byte_count(results):
     """Both load one checkpoint: bytes per decoded token agree when dtypes agree."""
     impls = results["implementations"]

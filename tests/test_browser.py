@@ -264,6 +264,7 @@ def test_every_redirect_hop_is_checked(server):
         Fetcher(allow_private=True, max_redirects=3).get(f"{server}/loop")
 
 
+@pytest.mark.slow
 def test_size_timeout_and_content_type_limits(server):
     with pytest.raises(FetchError, match="larger than 100000 bytes"):
         Fetcher(allow_private=True, max_bytes=100_000).get(f"{server}/big")
@@ -285,6 +286,7 @@ BROWSING_ROUNDS = [
 ]
 
 
+@pytest.mark.slow
 def test_scripted_model_searches_then_opens_through_the_router(server):
     from scripted import ScriptedModel, harmony
 
@@ -315,6 +317,7 @@ def test_scripted_model_searches_then_opens_through_the_router(server):
         assert text == f"MLX is lazy ([127.0.0.1]({server}/article?r=1))."
 
 
+@pytest.mark.slow
 def test_chat_runs_the_browser_loop_search_then_open(server):
     """The same three rounds through `Chat` (the agent loop): the browser is declared in the
     system message, both calls run in one turn, the answer cites the opened page."""
@@ -352,6 +355,7 @@ def test_exa_and_provider_specs(server):
             search_provider(bad)
 
 
+@pytest.mark.slow
 def test_charset_from_meta_and_bounded_gzip(server):
     fetcher = Fetcher(allow_private=True, max_bytes=1_000_000)
     assert "Café" in fetcher.get(f"{server}/latin1").text()

@@ -54,6 +54,7 @@ def test_prompt_cache_gives_the_same_tokens_as_no_cache(chat_model, scripted):
         assert all(r.stop == "return" and r.text and r.reasoning for r in cached)
 
 
+@pytest.mark.slow
 def test_finished_turns_lose_their_analysis_in_the_prompt_only(chat_model):
     model, tok = chat_model
     chat = Chat(model, tok, sampling=SamplingParams(seed=3), logits_processors=[structured_script()])
@@ -135,6 +136,7 @@ def test_tool_call_runs_the_function_and_loops_to_the_answer(chat_model, oracle_
     assert "namespace functions {\n\n// Current weather.\ntype get_weather = (_: {" in text
 
 
+@pytest.mark.slow
 def test_tool_errors_become_results(chat_model):
     _, tok = chat_model
     for args, expected in (("{not json", "not valid JSON"),
@@ -224,6 +226,7 @@ def test_interrupted_turn_is_discarded(chat_model):
     assert after.generations[0].tokens == fresh.send("third").generations[0].tokens
 
 
+@pytest.mark.slow
 def test_save_and_load_round_trip(chat_model, tmp_path, oracle_encoding):
     model, tok = chat_model
     chat = Chat(model, tok, instructions="Be brief.", reasoning_effort="high", tools=[get_weather],
@@ -247,6 +250,7 @@ def test_save_and_load_round_trip(chat_model, tmp_path, oracle_encoding):
     assert Conversation.from_json(path.read_text()).to_dict() == chat.conversation().to_dict()
 
 
+@pytest.mark.slow
 def test_python_tool_runs_in_the_sandbox(chat_model):
     from mlx_gptoss.tools.python import PythonTool
 
@@ -393,6 +397,7 @@ def tool_chat(model, tok, turn_calls, **options) -> Chat:
                 constrain_tools=False, logits_processors=[ToolRounds(turn_calls)], **options)
 
 
+@pytest.mark.slow
 def test_next_turn_reuses_the_cache_after_the_most_tool_rounds(chat_model):
     """A turn of 1 + max_tool_rounds generations marks as many snapshots; the one where the
     turn began (where the next turn drops its analysis) must survive them."""
@@ -408,6 +413,7 @@ def test_next_turn_reuses_the_cache_after_the_most_tool_rounds(chat_model):
     assert second.cached_tokens == began  # the turn-start snapshot, nothing before re-read
 
 
+@pytest.mark.slow
 def test_tool_round_rewinds_only_the_call(chat_model):
     """The next round's prompt re-renders the call recipient first, right after the round's
     analysis: the sliding slack trims back there, so the analysis is not read again."""

@@ -38,6 +38,7 @@ def expected(chat_model):
     return result
 
 
+@pytest.mark.slow
 def test_generate_prints_the_answer_alone_on_stdout(chat_checkpoint, expected, capsys):
     code, out, err = cli(capsys, "generate", "-m", chat_checkpoint, "-p", "Hello", *GREEDY_FLAGS,
                          "--verbose", "--stats")
@@ -48,6 +49,7 @@ def test_generate_prints_the_answer_alone_on_stdout(chat_checkpoint, expected, c
     assert expected.text not in err
 
 
+@pytest.mark.slow
 def test_generate_reads_stdin_and_streams_json(chat_checkpoint, expected, capsys, monkeypatch):
     code, out, _ = cli(capsys, "generate", "-m", chat_checkpoint, *GREEDY_FLAGS, "--json",
                        stdin="Hello", monkeypatch=monkeypatch)
@@ -111,6 +113,7 @@ def test_user_errors_are_one_line_exit_2(chat_checkpoint, tmp_path, capsys, monk
 # --------------------------------------------------------------------------- the chat REPL
 
 
+@pytest.mark.slow
 def test_chat_repl_commands_and_ctrl_c(chat_model, tmp_path, capsys):
     from mlx_gptoss.chat import Chat
 

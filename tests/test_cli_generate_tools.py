@@ -72,6 +72,7 @@ def test_chat_asks_the_user_for_a_tool_result(chat_model, tools_file, monkeypatc
            '{"sky": "clear"}<|end|>' in _decode(model.prefills[-1])
 
 
+@pytest.mark.slow
 def test_python_flag_runs_code_in_the_sandbox(chat_model, monkeypatch, capsys):
     use_script(monkeypatch, chat_model, PYTHON, ANSWER)
     code, out, err = cli(capsys, "generate", "-m", "x", "-p", "Compute", "--python")

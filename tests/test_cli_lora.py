@@ -26,6 +26,7 @@ def data_dir(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_lora_command_trains_saves_and_generates(chat_checkpoint, data_dir, tmp_path, capsys):
     out_dir = tmp_path / "adapter"
     code, out, err = cli(capsys, "lora", "--model", chat_checkpoint, "--data", data_dir,
@@ -61,6 +62,7 @@ def test_lora_command_bad_row_is_one_line(chat_checkpoint, tmp_path, capsys):
     assert re.match(r"error: .*bad\.jsonl:2: not valid JSON", err)
 
 
+@pytest.mark.slow
 def test_fuse_merges_attention_exactly(checkpoint_factory, tmp_path, capsys):
     path = checkpoint_factory("lora_fuse", seed=4, num_hidden_layers=2, intermediate_size=32)
     model, _ = load(path, "float32")

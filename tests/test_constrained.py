@@ -143,6 +143,7 @@ class Reading(BaseModel):
     note: Annotated[str, Field(max_length=3)] | None = None
 
 
+@pytest.mark.slow
 def test_pydantic_model_as_response_format(model, tok):
     text = constrained_answer(model, tok, Reading, seed=3)
     jsonschema.validate(json.loads(text), Reading.model_json_schema())
@@ -275,6 +276,7 @@ def run_cli(capsys, *args):
     return exit_.value.code, out, err
 
 
+@pytest.mark.slow
 def test_cli_json_schema(checkpoint_factory, tmp_path, capsys):
     path = checkpoint_factory("tiny-full-vocab", vocab_size=VOCAB)
     schema = tmp_path / "schema.json"
@@ -313,6 +315,7 @@ def call_header(tok, recipient: str, constrain: bool = True) -> list[int]:
     return ids + [tok.message]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2])
 def test_tool_call_arguments_always_parse(model, tok, seed):
     recipient = "functions.get_weather"
@@ -442,6 +445,7 @@ def test_one_processor_serves_generation_after_generation(model, tok):
         jsonschema.validate(json.loads(tok.decode(out[:-1])), schema)
 
 
+@pytest.mark.slow
 def test_mlx_lm_generate_step_with_the_processor(model, tok):
     """mlx-lm passes prompt + generated ids as an mx.array and logits [1, vocab]."""
     from mlx_lm.generate import generate_step

@@ -86,6 +86,7 @@ def body_lengths(tok, tokens: list[int]) -> list[int]:
     return [stop - start for start, stop in zip(starts, stops)]
 
 
+@pytest.mark.slow
 @FAST
 @given(schema=BOUNDED, seed=st.integers(0, 2**16))
 def test_bounded_schemas_validate_without_a_forced_header(chat_model, schema, seed):
@@ -99,6 +100,7 @@ def test_bounded_schemas_validate_many_seeds(chat_model, schema, seed):
     check_answer(chat_model, schema, seed)
 
 
+@pytest.mark.slow
 def test_reasoning_budget_then_final_json(chat_model):
     """max_reasoning_tokens closes the analysis after exactly N tokens (the random model never
     closes it itself); with a number (unbounded) in the schema the JSON still closes."""
@@ -117,6 +119,7 @@ def test_reasoning_budget_then_final_json(chat_model):
     assert thought and set(thought) == {5}  # five reasoning tokens, then closed
 
 
+@pytest.mark.slow
 def test_without_the_header_constraint_the_answer_is_not_json(chat_model):
     """The issue's failure, kept as a check on the test itself: trusting the model to open the
     final message (structure=False) leaves its header-less text in result.text."""
@@ -154,6 +157,7 @@ def check_call(chat_model, parameters, seed: int, tool_choice):
                         format_checker=jsonschema.FormatChecker())
 
 
+@pytest.mark.slow
 @FAST
 @given(parameters=LOOKUP_PARAMETERS, seed=st.integers(0, 2**16))
 def test_required_tool_choice_calls_a_declared_function(chat_model, parameters, seed):
@@ -169,6 +173,7 @@ def test_tool_choices_many_seeds(chat_model, parameters, seed, choice):
     check_call(chat_model, parameters, seed, choice)
 
 
+@pytest.mark.slow
 def test_named_function(chat_model):
     parameters = {"type": "object", "additionalProperties": False, "required": ["q"],
                   "properties": {"q": {"enum": ["a", "b"]}}}

@@ -11,7 +11,6 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from mlx.utils import tree_flatten
 from safetensors import safe_open
 
@@ -135,6 +134,7 @@ def _reference_dense_logits(path: Path) -> np.ndarray:
         return model(torch.tensor(TOKENS)).logits.float().numpy()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["dense", "dense-blocks"])
 def test_dense_exports(checkpoint_factory, layout_factory, tmp_path, layout):
     """Dense experts are exact MXFP4 values here, so re-quantizing loses nothing."""

@@ -163,6 +163,7 @@ def test_bad_quantization_options(capsys, src, tmp_path, args, message):
     expect_failure(capsys, src, tmp_path / "dst", message, *args)
 
 
+@pytest.mark.slow
 def test_verify(capsys, src, tmp_path):
     dst = tmp_path / "dst"
     code, out, _ = cli(capsys, "convert", "--hf-path", src, "--mlx-path", dst, "--quantize",
@@ -194,6 +195,7 @@ def test_verify(capsys, src, tmp_path):
     assert code == 2 and "not a directory written by mlx-gptoss convert" in err
 
 
+@pytest.mark.slow
 def test_subprocess_script_and_console(src, tmp_path):
     """The real thing: `python convert/convert.py` from the checkout, then a failing command."""
     env = subprocess_env(PYTHONPATH="")  # the script finds the checkout by itself

@@ -245,6 +245,7 @@ def mlx_launch(n: int, argv: list[str], tmp_path: Path, stdin: str = ""
                           capture_output=True, text=True, timeout=SAFETY_TIMEOUT)
 
 
+@pytest.mark.slow
 def test_cli_under_mlx_launch_prints_once(chat_checkpoint, tmp_path):
     """`mlx.launch -n 2 -- mlx-gptoss generate ...`: the one-process answer, printed once."""
     one = one_process(cli_args(chat_checkpoint, "--max-tokens", "12"))
@@ -321,6 +322,7 @@ def test_a_rank_reads_its_experts_rows_in_every_layout(layout, checkpoint_factor
         assert mx.array_equal(share[name], expected).item(), name
 
 
+@pytest.mark.slow
 def test_cli_rejects_an_unknown_strategy(chat_checkpoint):
     done = one_process(cli_args(chat_checkpoint, "--parallel", "tensor"))
     assert done.returncode == 2

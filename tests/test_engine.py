@@ -38,6 +38,7 @@ def prompts(chat_model):
     return [render_prompt(t, tok) for t in TEXTS]
 
 
+@pytest.mark.slow
 def test_rows_of_different_lengths_equal_single_sequence_generation(chat_model, prompts):
     model, _ = chat_model
     assert len({len(p) for p in prompts}) == len(prompts)
@@ -50,6 +51,7 @@ def test_rows_of_different_lengths_equal_single_sequence_generation(chat_model, 
         assert request.tokens == alone(model, ids, max_tokens=n)
 
 
+@pytest.mark.slow
 def test_rows_join_mid_decode_and_stop_on_their_own_stop_tokens(chat_model, prompts):
     model, _ = chat_model
     first = alone(model, prompts[0], max_tokens=12)
@@ -66,6 +68,7 @@ def test_rows_join_mid_decode_and_stop_on_their_own_stop_tokens(chat_model, prom
     assert b.tokens == alone(model, prompts[2], max_tokens=10)
 
 
+@pytest.mark.slow
 def test_a_long_prompt_prefills_in_chunks_while_others_keep_decoding(chat_model, prompts):
     model, _ = chat_model
     engine = Engine(model, max_batch=2, prefill_chunk=4)
@@ -101,6 +104,7 @@ def test_constrained_and_unconstrained_rows_in_one_batch(chat_model):
         jsonschema.validate(json.loads(batch[0].text), schema)
 
 
+@pytest.mark.slow
 def test_a_seeded_row_samples_the_same_tokens_whatever_the_batch(chat_model, prompts):
     model, _ = chat_model
     seeded = SamplingParams(temperature=1.0, seed=1234)
@@ -132,6 +136,7 @@ def test_cancel_and_bad_requests_fail_alone(chat_model, prompts):
     assert not engine.has_work
 
 
+@pytest.mark.slow
 def test_the_pool_reuses_the_longest_cached_prefix_exactly(chat_model):
     model, tok = chat_model
     pool = PromptCachePool(model, max_bytes=1 << 30)
@@ -199,6 +204,7 @@ def test_generate_takes_sampling_keywords_with_a_real_signature(chat_model):
         generate(model, tok, "hi", temperature=-1)
 
 
+@pytest.mark.slow
 def test_batch_generate_keeps_prompt_order_and_validates_up_front(chat_model):
     model, tok = chat_model
     results = batch_generate(model, tok, TEXTS[:3], max_tokens=5, temperature=0)
@@ -230,6 +236,7 @@ def test_a_failing_batch_fails_its_streams_and_the_engine_serves_on(chat_model, 
     assert after[-1].tokens == generate(model, tok, "Hi", max_tokens=5, temperature=0).tokens
 
 
+@pytest.mark.slow
 def test_guarantees_hold_in_the_engine_threads(chat_model):
     """`tool_choice="required"` and a response format through `Engine.stream_generate` (the
     constraint is built in the caller's thread and runs in the engine's): a random-weight model

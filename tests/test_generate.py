@@ -42,6 +42,7 @@ def test_greedy_tokens_match_transformers(chat_model, chat_checkpoint):
     assert run(model, prompt, 16, processors=[lambda tokens, logits: logits]) == got
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pipelined", [True, False])
 def test_stop_token_is_yielded_but_never_cached(chat_model, pipelined):
     model, _ = chat_model
@@ -82,6 +83,7 @@ def test_identical_prompt_recomputes_nothing(chat_model):
     assert run(model, prompt, 1, cache=cache) == first
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pipelined", [True, False])
 def test_interrupt_leaves_the_cache_consistent(chat_model, pipelined):
     model, _ = chat_model
@@ -171,6 +173,7 @@ def test_max_tokens_stops_with_length(chat_model):
     assert result.messages[-1].channel == "final" and result.text
 
 
+@pytest.mark.slow
 def test_seeded_sampling_is_reproducible(chat_model):
     model, tok = chat_model
     a = generate(model, tok, ids(10, 7), max_tokens=12, sampling=SamplingParams(seed=11))

@@ -38,6 +38,7 @@ def test_harmony_commands_read_stdin(vocab_file, oracle, capsys, monkeypatch):  
     assert json.loads(out) == json.loads(theirs.to_json())
 
 
+@pytest.mark.slow
 def test_parse_of_no_tokens_is_no_message(vocab_file, tok, capsys, monkeypatch):  # noqa: F811
     code, out, err = cli(capsys, "harmony", "parse", "-", "--vocab", vocab_file, stdin="[]",
                          monkeypatch=monkeypatch)

@@ -55,6 +55,7 @@ def test_ids_outside_the_vocabulary_are_refused(tok):
         tok.decode([-1])
 
 
+@pytest.mark.slow
 @HYPOTHESIS
 @given(s=text)
 def test_encode_decode_like_the_oracle(s, tok, oracle):

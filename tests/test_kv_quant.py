@@ -98,6 +98,7 @@ def test_sinks_change_the_result():
 
 # --------------------------------------------------------------------------- end to end
 
+@pytest.mark.slow
 def test_8bit_greedy_tokens_equal_the_unquantized_cache(kvq_model):
     prompt = ids(40, 1)
     plain = greedy(kvq_model, prompt, 200)
@@ -232,6 +233,7 @@ def test_cli_kv_bits_is_checked(chat_checkpoint, tmp_path, capsys):
     one_line(code, err, "divide head_dim 16")
 
 
+@pytest.mark.slow
 def test_cli_generate_with_an_8bit_cache(kvq_chat_checkpoint, capsys):
     from cli_runner import cli
 

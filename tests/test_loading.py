@@ -63,6 +63,7 @@ def test_experts_are_repacked_losslessly(tiny_checkpoint):
         np.testing.assert_array_equal(dense[:, 64:], reference[:, 1::2])
 
 
+@pytest.mark.slow
 def test_public_load_returns_model_and_tokenizer(tiny_checkpoint):
     model, tokenizer = load(tiny_checkpoint, dtype="float32")
     assert model(mx.array([[1, 2, 3]])).shape == (1, 3, 256)
@@ -233,6 +234,7 @@ def test_streaming_writer_round_trips(tmp_path):
     assert read_header(file)["a"].shape == (3, 4)
 
 
+@pytest.mark.slow
 def test_weights_are_not_copied_twice(checkpoint_factory):
     """Lazy, memory-mapped loading: peak memory stays near the parameters' own size
     (a second full copy would double it)."""

@@ -119,6 +119,7 @@ def test_our_adapter_loads_in_peft(lora_checkpoint, tmp_path):
 
 
 # (2, 19): 72 (token, expert) pairs, the experts' sorted gather path; (1, 9): 16, unsorted.
+@pytest.mark.slow
 @pytest.mark.parametrize("shape, grad_checkpoint", [((2, 19), False), ((1, 9), True)])
 def test_loss_and_every_gradient_equal_peft(lora_checkpoint, tmp_path, shape, grad_checkpoint):
     reference = peft_model(lora_checkpoint)

@@ -79,6 +79,7 @@ def test_greedy_tokens_match_transformers(tiny_checkpoint):
     assert tokens == reference_greedy(tiny_checkpoint, prompt, 30)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk", [1, 3, 8, 13, 64])
 def test_cached_decoding_reproduces_full_forward(checkpoint_factory, chunk):
     """Chunked prefill and token-by-token decoding through both cache kinds == one pass."""

@@ -81,6 +81,7 @@ def alive(token: str) -> bool:
     return not gone(token, deadline_s=0)
 
 
+@pytest.mark.slow
 def test_the_parents_environment_is_unreadable(sandboxed, monkeypatch):
     secret = f"sk-{uuid.uuid4().hex}"
     monkeypatch.setenv("MLX_GPTOSS_TEST_SECRET", secret)
@@ -94,6 +95,7 @@ def test_the_parents_environment_is_unreadable(sandboxed, monkeypatch):
     assert out.split()[1:] == ["False", "False"], out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("end", ["close", "restart", "timeout"])
 def test_a_setsid_double_fork_does_not_survive(any_mode, end):
     token = f"escaper-{uuid.uuid4().hex}"
@@ -107,6 +109,7 @@ def test_a_setsid_double_fork_does_not_survive(any_mode, end):
     assert gone(token)
 
 
+@pytest.mark.slow
 def test_process_count_is_limited():
     tool = make(max_processes=16)
     try:
@@ -120,6 +123,7 @@ def test_process_count_is_limited():
         tool.close()
 
 
+@pytest.mark.slow
 def test_cpu_time_is_limited():
     tool = make(cpu_seconds=1, timeout=60)
     try:
@@ -130,6 +134,7 @@ def test_cpu_time_is_limited():
         tool.close()
 
 
+@pytest.mark.slow
 def test_user_code_cannot_reach_or_forge_the_reply_channel(sandboxed):
     assert "AttributeError" in sandboxed.run("import __main__; __main__.replies")
     forged = json.dumps({"nonce": "0" * 32, "output": ["forged", 6], "error": ["", 0], "died": None})
@@ -149,6 +154,7 @@ def test_user_code_cannot_reach_or_forge_the_reply_channel(sandboxed):
     assert sandboxed.run("print('next')") == "next\n"
 
 
+@pytest.mark.slow
 def test_a_malformed_reply_restarts_instead_of_crashing(sandboxed, monkeypatch):
     sandboxed.run("kept = 1")
     for line in (b"garbage\n", b'{"nonce": "wrong", "output": ["x", 1], "error": ["", 0]}\n', b"[]\n"):
@@ -162,6 +168,7 @@ def test_a_malformed_reply_restarts_instead_of_crashing(sandboxed, monkeypatch):
     assert sandboxed.run("2 + 2") == "4\n"
 
 
+@pytest.mark.slow
 def test_the_prompt_states_the_real_timeout_and_a_persistent_directory(tmp_path):
     tool = make(timeout=1.5, workdir=tmp_path)
     try:
@@ -178,6 +185,7 @@ def test_the_prompt_states_the_real_timeout_and_a_persistent_directory(tmp_path)
     assert (tmp_path / "notes.txt").exists()  # a directory the user gave is theirs
 
 
+@pytest.mark.slow
 def test_no_network_no_home_and_writes_only_in_the_session_dir(sandboxed):
     listener = socket.create_server(("127.0.0.1", 0))
     try:
@@ -199,6 +207,7 @@ def test_no_network_no_home_and_writes_only_in_the_session_dir(sandboxed):
     assert not os.path.exists(os.path.join(os.path.dirname(python_module.__file__), "evil.py"))
 
 
+@pytest.mark.slow
 def test_without_a_sandbox_it_refuses_unless_told(monkeypatch):
     monkeypatch.setattr(python_module, "bwrap_binary", lambda: None)
     with pytest.raises(SandboxUnavailable, match="unsafe_no_sandbox=True.*WITHOUT isolation"):
@@ -208,6 +217,7 @@ def test_without_a_sandbox_it_refuses_unless_told(monkeypatch):
         assert tool.run("6 * 7") == "42\n"
 
 
+@pytest.mark.slow
 def test_the_router_sends_python_calls_to_the_tool(sandboxed):
     call = Message(Author(Role.ASSISTANT), [TextContent("print('hi')")], "analysis", "python", "code")
     [reply] = ToolRouter([sandboxed]).process(call)
@@ -215,6 +225,7 @@ def test_the_router_sends_python_calls_to_the_tool(sandboxed):
         "python", "hi\n", "assistant", "analysis")
 
 
+@pytest.mark.slow
 def test_each_run_can_be_confirmed(sandboxed):
     asked = []
     sandboxed.confirm = lambda code: asked.append(code) or code != "print('no')"
@@ -239,6 +250,7 @@ def test_the_macos_profile_denies_network_fork_and_home(tmp_path):
                for p in reads)
 
 
+@pytest.mark.slow
 def test_the_code_cannot_kill_the_supervisor_and_a_dead_sandbox_restarts(sandboxed):
     sandboxed.run("kept = 1")
     # pid 1 is the supervisor, the namespace's init: the kernel cannot signal it to death.

@@ -79,6 +79,7 @@ def client(url: str, **options) -> openai.OpenAI:
 # --------------------------------------------------------------------------- Responses
 
 
+@pytest.mark.slow
 def test_responses_create_returns_every_harmony_message_as_an_item(tok):
     model = scripted(GREETING)
     with serve(model, tok) as (url, _):
@@ -99,6 +100,7 @@ def test_responses_create_returns_every_harmony_message_as_an_item(tok):
     assert "Reasoning: high" in tok.decode(model.contexts[0])
 
 
+@pytest.mark.slow
 def test_responses_stream_follows_openai_event_order(tok):
     with serve(scripted(GREETING), tok) as (url, _):
         with client(url).responses.stream(model=NAME, input="Hi") as stream:
@@ -125,6 +127,7 @@ def test_responses_stream_follows_openai_event_order(tok):
             assert event.item_id == done[k].item.id
 
 
+@pytest.mark.slow
 def test_function_call_then_its_output_in_codex_shape(tok):
     """Codex: store false, full history each turn, reasoning replayed from encrypted_content,
     developer messages, tool types the server does not serve."""
@@ -181,6 +184,7 @@ def sse_events(url: str, body: dict, path: str = "/v1/responses") -> list[dict]:
     return events
 
 
+@pytest.mark.slow
 def test_stored_responses_continue_get_and_delete(tok):
     model = scripted(GREETING)
     with serve(model, tok) as (url, _):
@@ -209,6 +213,7 @@ def test_stored_responses_continue_get_and_delete(tok):
     # a call closed by <|return|> instead of <|call|>
     "<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{\"city\": \"Rome\"}<|return|>",
 ])
+@pytest.mark.slow
 def test_model_format_slips_become_function_calls(tok, slip):
     """Departures trained models make, recovered by the lenient parser, never a 500. (No
     tools in the request: with them the argument constraint would force `<|call|>` itself.)"""
@@ -234,6 +239,7 @@ def test_user_text_is_never_a_control_token(tok):
 # --------------------------------------------------------------------------- Chat Completions
 
 
+@pytest.mark.slow
 def test_chat_completions_create_and_stream(tok):
     with serve(scripted(GREETING), tok) as (url, _):
         api = client(url)
@@ -256,6 +262,7 @@ def test_chat_completions_create_and_stream(tok):
     assert streamed.choices[0].message.reasoning == "The user greets me."
 
 
+@pytest.mark.slow
 def test_chat_tool_calls_stream_and_history(tok):
     model = scripted(CALL, ANSWER)
     tools = [{"type": "function", "function": {k: WEATHER[k] for k in ("name", "description", "parameters")}}]
@@ -285,6 +292,7 @@ class Forecast(pydantic.BaseModel):
     celsius: int
 
 
+@pytest.mark.slow
 def test_chat_parse_with_a_pydantic_model(tok):
     body = json.dumps({"city": "Paris", "celsius": 21})
     model = scripted(f"<|channel|>analysis<|message|>JSON.<|end|><|start|>assistant<|channel|>final<|message|>{body}<|return|>")
@@ -298,6 +306,7 @@ def test_chat_parse_with_a_pydantic_model(tok):
 # --------------------------------------------------------------------------- guarantees on a random model
 
 
+@pytest.mark.slow
 def test_json_schema_guaranteed_on_a_random_model(chat_model):
     model, tok = chat_model
     schema = {"type": "object", "properties": {"unit": {"enum": ["celsius", "fahrenheit"]},
@@ -312,6 +321,7 @@ def test_json_schema_guaranteed_on_a_random_model(chat_model):
     jsonschema.validate(json.loads(response.output_text), schema)
 
 
+@pytest.mark.slow
 def test_tool_choice_required_and_named_on_a_random_model(chat_model):
     model, tok = chat_model
     with serve(model, tok, max_concurrency=2, engine=Engine(model, tok, max_batch=2)) as (url, _):
@@ -332,6 +342,7 @@ def test_tool_choice_required_and_named_on_a_random_model(chat_model):
     jsonschema.validate(json.loads(choice.message.tool_calls[0].function.arguments), UNIT_TOOL["parameters"])
 
 
+@pytest.mark.slow
 def test_max_output_tokens_gives_incomplete(chat_model):
     model, tok = chat_model
     with serve(model, tok) as (url, _):
@@ -345,6 +356,7 @@ def test_max_output_tokens_gives_incomplete(chat_model):
     assert completion.choices[0].finish_reason == "length" and completion.usage.completion_tokens == 5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batched", [True, False], ids=["engine", "one-at-a-time"])
 def test_concurrent_clients_each_get_their_own_stream(chat_model, batched):
     model, tok = chat_model
@@ -393,6 +405,7 @@ def _without_ids(text: str) -> str:
 # --------------------------------------------------------------------------- errors and safety
 
 
+@pytest.mark.slow
 def test_errors_are_openai_bodies_and_the_server_stays_up(tok):
     with serve(scripted(GREETING), tok, max_body_mb=0.01) as (url, _):
         def post(body: bytes | dict, path: str = "/v1/responses") -> httpx.Response:
@@ -442,6 +455,7 @@ def test_api_key_is_required_when_set(tok):
         assert httpx.get(url + "/health").status_code == 200
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batched", [True, False], ids=["engine", "one-at-a-time"])
 def test_full_queue_is_429_and_disconnect_cancels(chat_model, batched):
     model, tok = chat_model
@@ -494,6 +508,7 @@ def test_serve_command_binds_loopback_and_prints_its_url(chat_checkpoint):
         process.wait(30)
 
 
+@pytest.mark.slow
 def test_builtin_python_runs_on_the_server_when_enabled(tok):
     model = scripted("<|channel|>analysis to=python code<|message|>print(6 * 7)<|call|>",
                      "<|channel|>final<|message|>It is 42.<|return|>")
@@ -514,6 +529,7 @@ def test_builtin_python_runs_on_the_server_when_enabled(tok):
         "<|channel|>final<|message|>It is 42.<|return|>"))
 
 
+@pytest.mark.slow
 def test_builtin_python_is_off_unless_enabled(tok):
     model = scripted(GREETING)
     tools = [{"type": "code_interpreter", "container": {"type": "auto"}}]
@@ -536,6 +552,7 @@ class ExplodingModel(RecordingModel):
         return super().__call__(inputs, cache=cache, **options)
 
 
+@pytest.mark.slow
 def test_one_failed_generation_never_affects_another(tok):
     model = ExplodingModel([harmony(GREETING)], tok)
     with serve(model, tok) as (url, _):
@@ -556,6 +573,7 @@ def test_one_failed_generation_never_affects_another(tok):
     assert fine.output_text.endswith("Hello there!")
 
 
+@pytest.mark.slow
 def test_chat_stop_strings_end_the_answer(tok):
     with serve(scripted(GREETING), tok) as (url, _):
         api = client(url)
@@ -581,6 +599,7 @@ class FakeSearch:
         return [SearchResult("MLX", "https://example.org/mlx", "An array framework for Apple silicon.")]
 
 
+@pytest.mark.slow
 def test_builtin_browser_searches_on_the_server_when_enabled(tok):
     search = FakeSearch()
     model = scripted("<|channel|>analysis to=browser.search code<|message|>{\"query\": \"mlx\"}<|call|>",

@@ -24,8 +24,14 @@ def test_every_fixture_name_is_defined_once():
     assert [n for n, count in names.items() if count > 1] == []
 
 
-def test_nothing_imports_conftest():
+def test_nothing_imports_conftest_or_a_fixture():
+    fixtures = {node.name for path in TESTS.glob("*.py")
+                for node in ast.walk(ast.parse(path.read_text()))
+                if isinstance(node, ast.FunctionDef) and any(map(_is_fixture, node.decorator_list))}
+    local = {path.stem for path in TESTS.glob("*.py")}  # the suite's own modules
     for path in TESTS.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom):
+            if isinstance(node, ast.ImportFrom) and node.module in local:
                 assert node.module != "conftest", path.name
+                imported = {alias.name for alias in node.names} & fixtures
+                assert not imported, f"{path.name} imports the fixtures {sorted(imported)}"

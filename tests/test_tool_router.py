@@ -7,7 +7,6 @@ import json
 
 import openai_harmony as oh
 import pytest
-from harmony_fixtures import oracle, tok, vocab_file  # noqa: F401
 
 from mlx_gptoss.harmony import (
     Author, Conversation, DeveloperContent, Message, Role, SystemContent, TextContent,

@@ -140,6 +140,7 @@ def python():
     tool.close()
 
 
+@pytest.mark.slow
 def test_python_state_persists_and_runs_elsewhere(python):
     assert python.run("x = 20\nx + 1") == "21\n"
     assert python.run("print(x * 2)") == "40\n"
@@ -152,6 +153,7 @@ def test_python_state_persists_and_runs_elsewhere(python):
     assert python.run("import subprocess; subprocess.run(['echo', 'child'])\nNone") == "child\n"
 
 
+@pytest.mark.slow
 def test_python_errors_are_results(python):
     assert python.run("1/0").endswith("ZeroDivisionError: division by zero\n")
     assert "SyntaxError" in python.run("def f(:")
@@ -162,6 +164,7 @@ def test_python_errors_are_results(python):
     assert python.run("1 + 1") == "2\n"  # a fresh session after the death
 
 
+@pytest.mark.slow
 def test_python_timeout_restarts_the_session(python):
     python.timeout = 1
     python.run("kept = 1")
@@ -170,6 +173,7 @@ def test_python_timeout_restarts_the_session(python):
     assert "NameError" in python.run("kept")
 
 
+@pytest.mark.slow
 def test_python_interrupt_restarts_the_session(python):
     """Ctrl-C does not reach the worker (its own session): `run` must kill it, or its late
     reply would answer the next call."""
@@ -191,6 +195,7 @@ def test_python_interrupt_restarts_the_session(python):
     assert "NameError" in python.run("kept")
 
 
+@pytest.mark.slow
 def test_python_code_may_change_directory(python):
     python.run("kept = 1")
     assert python.run('import os; os.chdir("/"); print("hi")') == "hi\n"
@@ -200,6 +205,7 @@ def test_python_code_may_change_directory(python):
                                                           "'/nonexistent'\n")
 
 
+@pytest.mark.slow
 def test_python_huge_output_is_cut_in_the_worker(python):
     """100 MB of output: cut to `max_output` in the worker, well inside the timeout."""
     out = python.run("print('x' * 10**8)")
@@ -208,6 +214,7 @@ def test_python_huge_output_is_cut_in_the_worker(python):
     assert out == "é" * 200 + "\n... [output truncated: 999801 more characters]\n"
 
 
+@pytest.mark.slow
 def test_python_file_size_limit_is_a_readable_error():
     python = PythonTool(timeout=5, memory_limit=1 << 30, file_limit=1 << 20, max_output=200)
     try:

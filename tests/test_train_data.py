@@ -6,7 +6,7 @@ import json
 import numpy as np
 import openai_harmony as oh
 import pytest
-from harmony_fixtures import oracle, to_oracle, tok, vocab_file  # noqa: F401
+from harmony_fixtures import to_oracle
 
 from mlx_gptoss.harmony import Conversation
 from mlx_gptoss.train_data import DataError, chat_to_harmony, data_files, load_examples
@@ -27,6 +27,7 @@ def trained_text(tok, ex) -> str:
     return tok.decode([int(t) for t, w in zip(ex.tokens[1:], ex.weights[1:]) if w])
 
 
+@pytest.mark.slow
 def test_single_turn_keeps_its_reasoning_and_matches_the_oracle(tok, oracle, tmp_path):
     row = {"messages": [SYSTEM, {"role": "user", "content": "Bonjour?"},
                         {"role": "assistant", "thinking": "Greet back.", "content": "Salut!"}],
