@@ -8,7 +8,6 @@ import json
 import openai_harmony as oh
 import pytest
 from cli_runner import cli
-from harmony_fixtures import oracle, tok, vocab_file  # noqa: F401
 
 from mlx_gptoss import errors
 from mlx_gptoss.config import GenerationConfig, load_config, load_generation_config

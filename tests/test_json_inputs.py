@@ -13,7 +13,6 @@ import sys
 
 import pytest
 from cli_runner import cli, one_line
-from harmony_fixtures import vocab_file  # noqa: F401
 
 from mlx_gptoss.config import load_config
 from mlx_gptoss.env import MAX_JSON_DEPTH, check_depth, json_depth, parse_json, read_json
