@@ -36,7 +36,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from .agent import TURN_RENDER, Reply, ToolResult, render_turn, run_turn
+from .agent import Reply, ToolResult, render_turn, run_turn
 from .cache import PromptCache
 from .constrained import JsonSchemaConstraint
 from .defaults import DEFAULT_MAX_TOKENS, DEFAULT_TOOL_ROUNDS
@@ -63,7 +63,6 @@ from .sampling import SamplingParams
 from .tools.base import Tool, ToolRouter
 from .tools.functions import FunctionTool, FunctionsTool, ToolRegistry
 
-RENDER_CONFIG = TURN_RENDER
 CALL_SLACK = 128  # sliding-window keys kept beyond the window: enough to rewind past a call
 ToolHandler = Callable[[Message], str]
 
@@ -167,7 +166,7 @@ class Chat:
 
     def prompt_tokens(self) -> list[int]:
         """What the model reads next: the conversation, earlier reasoning dropped."""
-        return render_turn(self.tokenizer, self.conversation(), RENDER_CONFIG)
+        return render_turn(self.tokenizer, self.conversation())
 
     def reset(self) -> None:
         """Forget the history; settings stay, the python session restarts."""
@@ -261,8 +260,7 @@ class Chat:
         interrupted turn leaves it as it was)."""
         history = self.messages + new
         for event in run_turn(self._generate, self.tokenizer, self.header(), history,
-                              router=self, max_tool_rounds=self.max_tool_rounds,
-                              render_config=RENDER_CONFIG):
+                              router=self, max_tool_rounds=self.max_tool_rounds):
             if isinstance(event, Reply):
                 self.messages = history + event.messages
             yield event

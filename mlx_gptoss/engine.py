@@ -44,6 +44,8 @@ from .generate import (
     GenerationStats,
     HarmonyRequest,
     LogitsProcessor,
+    check_max_tokens,
+    check_prompt_ids,
     prepare_request,
 )
 from .harmony import Event, HarmonyTokenizer
@@ -187,13 +189,8 @@ class Engine:
         prompt = [int(t) for t in request.prompt]
         if not prompt:
             raise GptOssError("the prompt is empty")
-        vocab = self.model.config.vocab_size
-        bad = next((t for t in prompt if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise GptOssError(f"prompt token id {bad} is outside the model's vocabulary "
-                              f"(0..{vocab - 1})")
-        if request.max_tokens < 1:
-            raise GptOssError(f"max_tokens must be at least 1, got {request.max_tokens}")
+        check_prompt_ids(self.model, prompt)
+        check_max_tokens(request.max_tokens)
         cache = (self.pool.acquire(prompt) if self.pool is not None
                  else PromptCache.for_model(self.model, self.sliding_slack, self.kv_bits))
         todo = cache.prepare(prompt)
@@ -423,19 +420,15 @@ def batch_generate(model: Model, tokenizer: HarmonyTokenizer, prompts: Sequence[
     `reasoning_effort`, ...), applied to every prompt. A prompt that fails (bad ids, a bad
     schema) raises before any generation starts."""
     n = len(prompts)
-    samplings = _per_prompt(sampling, n, "sampling", SamplingParams)
-    formats = _per_prompt(response_format, n, "response_format", dict)
+    samplings = _per_prompt(sampling, n, "sampling")
+    formats = _per_prompt(response_format, n, "response_format")
     harmonies = [prepare_request(model, tokenizer, p, max_tokens=max_tokens, sampling=s,
                                  response_format=f, **options)
                  for p, s, f in zip(prompts, samplings, formats)]
     engine = Engine(model, tokenizer, max_batch=max_batch or max(n, 1),
                     prefill_chunk=prefill_chunk, cache_pool=None)
-    requests = []
-    for harmony in harmonies:
-        request = Request(harmony.ids, harmony.sampling, harmony.max_tokens,
-                          harmony.stop_tokens, harmony.processors)
-        request.on_token = lambda token, parser=harmony.parser: list(parser.feed(token))
-        requests.append(engine.add(request))
+    # The events are not streamed here: each parser keeps its messages for the result.
+    requests = [engine.add(_harmony_request(h, lambda event: None)) for h in harmonies]
     engine.run()
     results = []
     for harmony, request in zip(harmonies, requests):
@@ -445,9 +438,9 @@ def batch_generate(model: Model, tokenizer: HarmonyTokenizer, prompts: Sequence[
     return results
 
 
-def _per_prompt(value: Any, n: int, name: str, single: type) -> list[Any]:
+def _per_prompt(value: Any, n: int, name: str) -> list[Any]:
     """One value per prompt from one value (or None) or a list of them."""
-    if isinstance(value, (list, tuple)) and not isinstance(value, single):
+    if isinstance(value, (list, tuple)):
         if len(value) != n:
             raise GptOssError(f"{name}: {len(value)} values for {n} prompts")
         return list(value)

@@ -121,6 +121,19 @@ class GenerationResult:
 # --------------------------------------------------------------------------- the token loop
 
 
+def check_max_tokens(max_tokens: int) -> None:
+    if max_tokens < 1:
+        raise GptOssError(f"max_tokens must be at least 1, got {max_tokens}")
+
+
+def check_prompt_ids(model: Model, prompt: Sequence[int]) -> None:
+    """An out-of-range id would index past the embedding table: refuse it first."""
+    vocab = model.config.vocab_size
+    bad = next((t for t in prompt if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise GptOssError(f"prompt token id {bad} is outside the model's vocabulary (0..{vocab - 1})")
+
+
 def generate_tokens(model: Model, prompt: Sequence[int], *, sampler: Callable[[mx.array], mx.array],
                     max_tokens: int = DEFAULT_MAX_TOKENS, stop_tokens: Iterable[int] = (),
                     logits_processors: Sequence[LogitsProcessor] = (),
@@ -135,12 +148,8 @@ def generate_tokens(model: Model, prompt: Sequence[int], *, sampler: Callable[[m
     past a stop token is rolled back. An exception (Ctrl-C) or closing the generator leaves `prompt_cache`
     consistent with its tokens.
     """
-    if max_tokens < 1:
-        raise GptOssError(f"max_tokens must be at least 1, got {max_tokens}")
-    vocab = model.config.vocab_size
-    bad = next((t for t in prompt if not 0 <= t < vocab), None)
-    if bad is not None:  # an out-of-range id would index past the embedding table
-        raise GptOssError(f"prompt token id {bad} is outside the model's vocabulary (0..{vocab - 1})")
+    check_max_tokens(max_tokens)
+    check_prompt_ids(model, prompt)
     cache = (prompt_cache if prompt_cache is not None
              else PromptCache.for_model(model, kv_bits=kv_bits))
     stats = stats if stats is not None else GenerationStats()
@@ -256,9 +265,6 @@ def answer_complete(processors: Sequence[LogitsProcessor], stop: str) -> bool:
     return True
 
 
-SAMPLING_KEYWORDS = ("temperature", "top_p", "top_k", "min_p", "seed")
-
-
 def sampling_for(model: Model, sampling: SamplingParams | None, **overrides) -> SamplingParams:
     """`sampling`, else the model's generation config (when `load` read one), else
     temperature 1.0 / top-p 1.0; then the keyword overrides that are not None."""
@@ -278,8 +284,7 @@ def prepare_request(model: Model, tokenizer: HarmonyTokenizer, prompt: Prompt, *
                     seed: int | None = None, **prompt_options) -> HarmonyRequest:
     """Render `prompt`, compile its constraint (a bad schema fails here, before any model
     work), bind the processors to a fresh parser. See `stream_generate` for the arguments."""
-    if max_tokens < 1:
-        raise GptOssError(f"max_tokens must be at least 1, got {max_tokens}")
+    check_max_tokens(max_tokens)
     tool_choice = "auto" if tool_choice is None else tool_choice
     chosen = tool_choice != "auto"
     functions = prompt_options.get("functions", ()) if constrain_tools or chosen else ()

@@ -89,11 +89,9 @@ def estimate_memory(model: nn.Module, context: int, kv_bits: int | None = None,
     """Weights plus KV cache of `model` (ours) at `context` positions, against `available`
     bytes (default: the machine's memory)."""
     config: ModelConfig = model.config
-    # Cached keys and values are in the activations' dtype: the loader's, else the weights'.
-    activation = getattr(model, "activation_dtype", None)
-    norm = getattr(getattr(model, "model", None), "norm", None)
-    dtype_bytes = (activation.size if activation is not None
-                   else norm.weight.dtype.size if norm is not None else 4)
+    dtype_bytes = model.model.norm.weight.dtype.size
+    if model.activation_dtype is not None:
+        dtype_bytes = model.activation_dtype.size
     kv = kv_cache_bytes(config, context, kv_bits, kv_group_size, dtype_bytes, sliding_slack)
     return MemoryEstimate(parameter_bytes(model), kv, context,
                           machine_memory() if available is None else available)
