@@ -66,9 +66,11 @@ def load_chat(model: str, dtype: Optional[str], *, effort: str, system: Optional
                           f"got {kv_bits}")
     functions = load_tools_file(tools) if tools is not None else []
     response_format = load_json_schema(json_schema) if json_schema is not None else None
-    python_tool, browser_tool = builtin_tools(
+    builtins = builtin_tools(
         python=python, python_unsafe=python_unsafe, confirm_code=confirm_code, browser=browser,
         browser_search=browser_search, browser_allow_private=browser_allow_private)
+    python_tool, browser_tool = (builtins[name]() if name in builtins else None
+                                 for name in ("python", "browser"))
     used = [flag for flag, on in (("--python", python), ("--browser", browser)) if on]
     net, tokenizer = load(model, dtype, adapter=adapter, parallel=parallel, tools=used)
     context = getattr(net.config, "max_position_embeddings", None)
@@ -90,20 +92,27 @@ def load_chat(model: str, dtype: Optional[str], *, effort: str, system: Optional
 
 
 def builtin_tools(*, python: bool, python_unsafe: bool, confirm_code, browser: bool,
-                  browser_search: Optional[str], browser_allow_private: bool):
-    """The python and browser tools the flags ask for (None where off), built before the model
-    loads so a missing sandbox or a bad search provider is the first thing the user sees."""
+                  browser_search: Optional[str], browser_allow_private: bool) -> dict:
+    """Factories of the python and browser tools the flags ask for (`{"python": ...,
+    "browser": ...}`, each present only when on): `generate` and `chat` make one session, the
+    server one per response. Checked now, before the model loads, so a bad flag or search
+    provider is the first thing the user sees."""
+    from functools import partial
+
     from ..tools import BrowserTool, PythonTool
+    from ..tools.search import search_provider
 
     if python_unsafe and not python:
         raise GptOssError("--python-unsafe-no-sandbox needs --python")
     if (browser_search is not None or browser_allow_private) and not browser:
         raise GptOssError("--browser-search and --browser-allow-private need --browser")
-    python_tool = (PythonTool(unsafe_no_sandbox=python_unsafe, confirm=confirm_code)
-                   if python else None)
-    browser_tool = (BrowserTool(search=browser_search, allow_private=browser_allow_private)
-                    if browser else None)
-    return python_tool, browser_tool
+    tools = {}
+    if python:
+        tools["python"] = partial(PythonTool, unsafe_no_sandbox=python_unsafe, confirm=confirm_code)
+    if browser:
+        tools["browser"] = partial(BrowserTool, search_provider(browser_search),
+                                   allow_private=browser_allow_private)
+    return tools
 
 
 def check_effort(effort: str) -> None:

@@ -9,7 +9,7 @@ import typer
 
 from ..errors import GptOssError
 from .generate import (ADAPTER, BROWSER, BROWSER_ALLOW_PRIVATE, BROWSER_SEARCH, DTYPE, KV_BITS,
-                       PYTHON, PYTHON_UNSAFE, model_option)
+                       PYTHON, PYTHON_UNSAFE, builtin_tools, model_option)
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")  # as server.app.LOOPBACK_HOSTS (not imported: slow)
 
@@ -48,7 +48,10 @@ def serve(
 
     if kv_bits is not None and max_concurrency < 2:
         raise GptOssError("--kv-bits needs the batched engine (--max-concurrency 2 or more)")
-    tools = builtin_tools(python, python_unsafe, browser, browser_search, browser_allow_private)
+    # Code runs without asking (the opt-in is --python), a fresh session per response.
+    tools = builtin_tools(python=python, python_unsafe=python_unsafe, confirm_code=None,
+                          browser=browser, browser_search=browser_search,
+                          browser_allow_private=browser_allow_private)
     net, tokenizer = load(model, dtype, adapter=adapter)
     # Several rows: the batched engine; one: the pipelined single-sequence loop (lower latency).
     engine = (Engine(net, tokenizer, max_batch=max_concurrency, kv_bits=kv_bits)
@@ -67,26 +70,6 @@ def serve(
         run(app, host, port, on_ready=lambda url: print(url, flush=True))
     except OSError as e:  # the port is taken, the address does not exist, ...
         raise GptOssError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
-
-
-def builtin_tools(python: bool, python_unsafe: bool, browser: bool, search: Optional[str],
-                  allow_private: bool) -> dict:
-    """Factories of the built-in tools the server runs: a fresh session per response. Code
-    runs without asking (the opt-in is --python); the sandbox is required unless
-    --python-unsafe-no-sandbox."""
-    from functools import partial
-
-    from ..tools.browser import BrowserTool
-    from ..tools.python import PythonTool
-    from ..tools.search import search_provider
-
-    tools = {}
-    if python:
-        tools["python"] = partial(PythonTool, unsafe_no_sandbox=python_unsafe)
-    if browser:
-        provider = search_provider(search)  # a bad --browser-search fails now
-        tools["browser"] = partial(BrowserTool, provider, allow_private=allow_private)
-    return tools
 
 
 def register(app: typer.Typer) -> None:
