@@ -8,6 +8,12 @@ arguments after, and with `stream_options.include_usage` a last chunk carries th
 `choices: []` (the openai SDK's `.stream()` accumulates every string field, so nothing is sent
 twice). `stop` strings end the answer at their first occurrence and are not returned.
 `reasoning_effort` outside low/medium/high is clamped (none/minimal -> low, xhigh/max -> high).
+
+With `web_search_options` (OpenAI's Chat switch for web search) and a server started with the
+browser, the server runs the model's `browser.*` calls itself (hidden from the client, as
+OpenAI's are) and the message carries `annotations` (`{type: "url_citation", url_citation:
+{start_index, end_index, url, title}}`) for the `【cursor†Lx-Ly】` markers of `content` that
+cite a page the browser opened; a stream sends them in one delta after the content.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ from typing import Any, AsyncIterator
 from ..generate import GenerationResult
 from ..harmony import MessageEnd, MessageStart, TextDelta
 from .convert import (
+    BUILTIN_CALLS,
     HistoryReader,
     Prompt,
     chat_tools,
@@ -28,7 +35,7 @@ from .convert import (
     response_schema,
     tool_choice_of,
 )
-from .generation import Plan, ServerState, guarded, plan_generation
+from .generation import BuiltinTools, Plan, ServerState, ToolRun, plan_generation, tool_rounds
 from .protocol import bad_request, get, get_number, get_positive_int
 from .responses import as_api_error
 
@@ -45,10 +52,12 @@ def parse_request(state: ServerState, body: dict[str, Any]) -> tuple[Plan, dict[
     choice = tool_choice_of(body.get("tool_choice"), functions)
     schema, name = response_schema(get(body, "response_format", "object", ""), "response_format",
                                    nested=True)
+    browse = get(body, "web_search_options", "object", "") is not None and "browser" in state.builtin_tools
     prompt = Prompt(history=reader.history, instructions=reader.instructions,
                     functions=[] if choice == "none" else functions,
                     effort=clamp_effort(body.get("reasoning_effort"), "reasoning_effort"),
-                    response_schema=schema, response_name=name)
+                    response_schema=schema, response_name=name,
+                    builtins={"browser": state.builtin_namespaces["browser"]} if browse else {})
     max_tokens = get_positive_int(body, "max_completion_tokens", "") or get_positive_int(body, "max_tokens", "")
     plan = plan_generation(state, prompt, tool_choice=choice,
                            temperature=get_number(body, "temperature", "", 0, 2),
@@ -93,8 +102,12 @@ class StopMatcher:
 class ChatBuilder:
     """Harmony events in, chunk deltas out; also accumulates the whole message."""
 
-    def __init__(self, state: ServerState, stops: list[str]):
+    def __init__(self, state: ServerState, plan: Plan, stops: list[str]):
         self.state = state
+        self.builtins = plan.prompt.builtins
+        self.tools = BuiltinTools(state)  # this completion's tool sessions (its citable pages)
+        self.results: list[GenerationResult] = []  # one per generation round
+        self.annotations: list[dict[str, Any]] = []  # Chat's `url_citation`s, set by `flush`
         self.stop = StopMatcher(stops)
         self.kind: str | None = None
         self.reasoning: list[str] = []
@@ -116,7 +129,9 @@ class ChatBuilder:
         return []
 
     def _start(self, channel: str | None, recipient: str | None) -> list[dict[str, Any]]:
-        self.kind = item_kind(channel, recipient)
+        self.kind = item_kind(channel, recipient, self.builtins)
+        if self.kind in BUILTIN_CALLS:  # run by the server, unseen by the client
+            return []
         if self.kind == "function_call":
             call = {"index": len(self.tool_calls), "id": f"call_{secrets.token_hex(12)}",
                     "type": "function", "function": {"name": function_name(recipient), "arguments": ""}}
@@ -132,6 +147,8 @@ class ChatBuilder:
         return []
 
     def _text(self, text: str) -> list[dict[str, Any]]:
+        if self.kind in BUILTIN_CALLS:
+            return []
         if self.kind == "function_call":
             call = self.tool_calls[-1]
             call["function"]["arguments"] += text
@@ -146,9 +163,13 @@ class ChatBuilder:
         return [{"content": text}] if text else []
 
     def flush(self) -> list[dict[str, Any]]:
+        """The held-back tail of the content, then the annotations of the whole content."""
         tail = "" if self.stop.stopped else self.stop.flush()
         self.content += tail
-        return [{"content": tail}] if tail else []
+        out = [{"content": tail}] if tail else []
+        self.annotations = [{"type": "url_citation", "url_citation": {
+            k: v for k, v in a.items() if k != "type"}} for a in self.tools.citations(self.content)]
+        return out + ([{"annotations": self.annotations}] if self.annotations else [])
 
     def finish_reason(self, result: GenerationResult | None) -> str:
         if self.tool_calls:
@@ -164,17 +185,21 @@ class ChatBuilder:
             out["reasoning"] = "\n".join(self.reasoning)
         if self.tool_calls:
             out["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in self.tool_calls]
+        if self.annotations:
+            out["annotations"] = self.annotations
         return out
 
     def usage(self, result: GenerationResult | None) -> dict[str, Any] | None:
+        """Every generation round's tokens (a browsing answer has several)."""
         if result is None:
             return None
-        stats, tokens = result.stats, len(result.tokens)
-        return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": tokens,
-                "total_tokens": stats.prompt_tokens + tokens,
-                "prompt_tokens_details": {"cached_tokens": stats.cached_tokens},
-                "completion_tokens_details": {"reasoning_tokens":
-                                              reasoning_token_count(self.state.tokenizer, result.tokens)}}
+        prompt = sum(r.stats.prompt_tokens for r in self.results)
+        tokens = [t for r in self.results for t in r.tokens]
+        return {"prompt_tokens": prompt, "completion_tokens": len(tokens),
+                "total_tokens": prompt + len(tokens),
+                "prompt_tokens_details": {"cached_tokens": sum(r.stats.cached_tokens for r in self.results)},
+                "completion_tokens_details": {"reasoning_tokens": sum(
+                    reasoning_token_count(self.state.tokenizer, r.tokens) for r in self.results)}}
 
 
 def _head(state: ServerState) -> dict[str, Any]:
@@ -182,29 +207,39 @@ def _head(state: ServerState) -> dict[str, Any]:
             "model": state.served_name, "system_fingerprint": None}
 
 
-async def _generation(builder: ChatBuilder, stream, http_request) -> AsyncIterator[Any]:
-    """Deltas, then ("done", result); a `stop` string ends the generation early."""
+async def _generation(builder: ChatBuilder, plan: Plan, stream, http_request) -> AsyncIterator[Any]:
+    """Deltas, then ("done", result of the last round); a `stop` string ends the generation
+    early. The built-in tools run between rounds (`tool_rounds`) and are closed at the end."""
     result = None
-    async for event in guarded(http_request, stream, stream.events()):
-        if isinstance(event, GenerationResult):
-            result = event
-            continue
-        for delta in builder.feed(event):
+    rounds = tool_rounds(builder.state, plan, stream, builder.tools, http_request)
+    try:
+        async for event in rounds:
+            if isinstance(event, GenerationResult):
+                result = event
+                builder.results.append(event)
+            elif isinstance(event, ToolRun):
+                result = None
+            else:
+                for delta in builder.feed(event):
+                    yield delta
+            if builder.stop.stopped:  # closing the rounds cancels the generation
+                result = None
+                break
+        for delta in builder.flush():
             yield delta
-        if builder.stop.stopped:
-            stream.cancel()
-    for delta in builder.flush():
-        yield delta
+    finally:
+        await rounds.aclose()
+        builder.tools.close()
     yield ("done", result)
 
 
 async def complete(state: ServerState, plan: Plan, knobs: dict[str, Any], http_request
                    ) -> dict[str, Any]:
     stream = state.worker.start(plan.ids, **plan.options)
-    builder = ChatBuilder(state, knobs["stop"])
+    builder = ChatBuilder(state, plan, knobs["stop"])
     result = None
     try:
-        async for item in _generation(builder, stream, http_request):
+        async for item in _generation(builder, plan, stream, http_request):
             if isinstance(item, tuple):
                 result = item[1]
     except Exception as e:  # noqa: BLE001 - this request's failure, as an OpenAI error
@@ -221,10 +256,10 @@ async def stream_chunks(state: ServerState, plan: Plan, knobs: dict[str, Any], h
                         ) -> AsyncIterator[dict[str, Any]]:
     """Started now (429 raises here); returns the chunk iterator."""
     stream = state.worker.start(plan.ids, **plan.options)
-    return _chunks(state, ChatBuilder(state, knobs["stop"]), stream, knobs, http_request)
+    return _chunks(state, plan, ChatBuilder(state, plan, knobs["stop"]), stream, knobs, http_request)
 
 
-async def _chunks(state, builder, stream, knobs, http_request) -> AsyncIterator[dict[str, Any]]:
+async def _chunks(state, plan, builder, stream, knobs, http_request) -> AsyncIterator[dict[str, Any]]:
     head = {**_head(state), "object": "chat.completion.chunk"}
     extra = {"usage": None} if knobs["include_usage"] else {}
 
@@ -235,7 +270,7 @@ async def _chunks(state, builder, stream, knobs, http_request) -> AsyncIterator[
     yield chunk({"role": "assistant", "content": ""})
     result = None
     try:
-        async for item in _generation(builder, stream, http_request):
+        async for item in _generation(builder, plan, stream, http_request):
             if isinstance(item, tuple):
                 result = item[1]
             else:

@@ -52,6 +52,7 @@ EFFORT_CLAMP = {"none": "low", "minimal": "low", "low": "low", "medium": "medium
 BUILTIN_TOOL_TYPES = {"web_search": "browser", "web_search_preview": "browser",
                       "browser_search": "browser", "code_interpreter": "python"}
 BUILTIN_ITEMS = {"python": "code_interpreter_call", "browser": "web_search_call"}
+BUILTIN_CALLS = ("python_call", "browser_call")  # `item_kind`s of calls the server runs
 
 
 @dataclass

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Callable
 
 from ..agent import render_turn
 from ..constrained import JsonSchemaConstraint
 from ..errors import GptOssError, HarmonyError, SchemaError
-from ..harmony import HarmonyTokenizer
+from ..generate import GenerationResult
+from ..harmony import HarmonyTokenizer, Message
 from ..sampling import SamplingParams
-from .convert import Prompt
+from ..tools.browser import BrowserTool
+from .convert import BUILTIN_CALLS, Prompt, item_kind
 from .protocol import APIError, bad_request
 from .worker import Worker
 
@@ -63,6 +65,12 @@ class Plan:
     ids: list[int]
     options: dict[str, Any]
     max_tokens: int
+    knobs: dict[str, Any] = field(default_factory=dict)  # plan_generation's keywords
+
+    def replan(self, state: "ServerState", history: list[Message], max_tokens: int) -> "Plan":
+        """The same request over a longer history (after a built-in tool answered)."""
+        prompt = replace(self.prompt, history=history)
+        return plan_generation(state, prompt, **{**self.knobs, "max_tokens": max_tokens})
 
 
 def plan_generation(state: ServerState, prompt: Prompt, *, tool_choice: Any = "auto",
@@ -99,7 +107,9 @@ def plan_generation(state: ServerState, prompt: Prompt, *, tool_choice: Any = "a
     except GptOssError as e:
         raise bad_request(str(e), None, "invalid_value") from None
     options = {"max_tokens": limit, "sampling": sampling, "logits_processors": processors}
-    return Plan(prompt, ids, options, limit)
+    knobs = {"tool_choice": tool_choice, "temperature": temperature, "top_p": top_p, "seed": seed,
+             "schema_param": schema_param}
+    return Plan(prompt, ids, options, limit, knobs)
 
 
 async def watch_disconnect(request: Any, on_disconnect) -> None:
@@ -120,6 +130,79 @@ async def guarded(request: Any, stream, events: AsyncIterator[Any]) -> AsyncIter
     finally:
         watcher.cancel()
         stream.cancel()
+
+
+# --------------------------------------------------------------------------- built-in tools
+
+MAX_TOOL_ROUNDS = 8  # built-in tool calls per response
+
+
+class BuiltinTools:
+    """The built-in tool sessions of one response: each made on first use, all closed at the
+    end, so a response sees only its own pages (its citations cite nothing another opened)."""
+
+    def __init__(self, state: ServerState):
+        self.state = state
+        self.tools: dict[str, Any] = {}
+
+    def get(self, name: str) -> Any:
+        if name not in self.tools:
+            self.tools[name] = self.state.builtin_tools[name]()
+        return self.tools[name]
+
+    def citations(self, text: str) -> list[dict[str, Any]]:
+        """`url_citation` annotations (Responses shape) for the markers of `text` that cite a
+        page this response's browser opened; none when the browser did not run."""
+        browser = self.tools.get("browser")
+        if not isinstance(browser, BrowserTool):
+            return []
+        return [c.to_dict() for c in browser.citations(text)]
+
+    def close(self) -> None:
+        for tool in self.tools.values():
+            tool.close()
+        self.tools.clear()
+
+
+@dataclass
+class ToolRun:
+    """A built-in tool answered the call that ended a generation round."""
+
+    messages: list[Message]  # the round's messages, the call last
+    replies: list[Message]
+
+
+async def tool_rounds(state: ServerState, plan: Plan, stream, tools: BuiltinTools, http_request
+                      ) -> AsyncIterator[Any]:
+    """The harmony events and `GenerationResult` of each generation round; while a round ends
+    in a complete call to one of the prompt's built-in tools, run it (a `ToolRun`) and generate
+    again over the call and its reply, at most `MAX_TOOL_ROUNDS` times and `plan.max_tokens`
+    output tokens in all. Ends early, with no result, when the client goes away."""
+    history, used = list(plan.prompt.history), 0
+    for rounds in range(MAX_TOOL_ROUNDS + 1):
+        result = None
+        events = guarded(http_request, stream, stream.events())
+        try:
+            async for event in events:
+                if isinstance(event, GenerationResult):
+                    result = event
+                yield event
+        finally:  # also when our consumer stops early: the generation is cancelled now
+            await events.aclose()
+        if result is None:
+            return
+        used += len(result.tokens)
+        left = plan.max_tokens - used
+        call = result.messages[-1] if result.messages else None
+        if (result.stop != "call" or call is None or rounds == MAX_TOOL_ROUNDS or left < 1
+                or item_kind(call.channel, call.recipient, plan.prompt.builtins) not in BUILTIN_CALLS):
+            return
+        tool = tools.get(call.recipient.split(".", 1)[0])
+        replies = await asyncio.to_thread(tool.process, call)
+        yield ToolRun(list(result.messages), replies)
+        history += [*result.messages, *replies]
+        next_plan = plan.replan(state, history, left)
+        stream = state.worker.start(next_plan.ids, admitted=True, **next_plan.options)
 
 
 def sse(data: dict[str, Any], event: str | None = None) -> str:

@@ -17,12 +17,11 @@ over, as OpenAI documents. The store is an in-memory LRU.
 """
 from __future__ import annotations
 
-import asyncio
 import copy
 import secrets
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from ..generate import GenerationResult
@@ -41,11 +40,10 @@ from .convert import (
     responses_tools,
     tool_choice_of,
 )
-from .generation import Plan, ServerState, guarded, plan_generation
+from .generation import BuiltinTools, Plan, ServerState, ToolRun, plan_generation, tool_rounds
 from .protocol import APIError, bad_request, get, get_number, get_positive_int
 
 STORE_CAPACITY = 1024
-MAX_TOOL_ROUNDS = 8  # built-in tool calls per response
 PYTHON_CONTAINER = "mlx-gptoss-python"  # the code_interpreter_call's container: the server's worker
 
 
@@ -100,11 +98,6 @@ class ResponsesRequest:
     include_reasoning: bool
     base: dict[str, Any]  # the response object's fixed fields
     call_names: dict[str, str]
-    knobs: dict[str, Any]  # plan_generation's keywords, for the rounds after a built-in tool ran
-
-    def replan(self, state: ServerState, history: list[Message], max_tokens: int) -> Plan:
-        prompt = replace(self.plan.prompt, history=history)
-        return plan_generation(state, prompt, **self.knobs, max_tokens=max_tokens)
 
 
 def parse_request(state: ServerState, body: dict[str, Any]) -> ResponsesRequest:
@@ -155,7 +148,7 @@ def parse_request(state: ServerState, body: dict[str, Any]) -> ResponsesRequest:
         "truncation": "disabled", "background": False, "usage": None,
     }
     return ResponsesRequest(plan, get(body, "stream", "boolean", "", False), base["store"],
-                            "reasoning.encrypted_content" in include, base, reader.call_names, knobs)
+                            "reasoning.encrypted_content" in include, base, reader.call_names)
 
 
 def echoed_tools(tools: list | None, functions: list, builtins: set[str]) -> list[dict[str, Any]]:
@@ -199,6 +192,7 @@ class ResponseBuilder:
         self.call_names: dict[str, str] = {}
         self.usage = {"input": 0, "cached": 0, "output": 0, "reasoning": 0}
         self.history = list(request.plan.prompt.history)  # grows with built-in tool rounds
+        self.tools = BuiltinTools(state)  # this response's tool sessions (its citable pages)
 
     def event(self, kind: str, **fields: Any) -> dict[str, Any]:
         out = {"type": kind, "sequence_number": self.sequence, **fields}
@@ -317,10 +311,15 @@ class ResponseBuilder:
             if self.request.include_reasoning:
                 item["encrypted_content"] = encode_reasoning(part["text"])
             done = self.event("response.reasoning_text.done", **ids, content_index=0, text=part["text"])
+            added = []
         else:
+            part["annotations"] = self.tools.citations(part["text"])
+            added = [self.event("response.output_text.annotation.added", **ids, content_index=0,
+                                annotation_index=i, annotation=dict(annotation))
+                     for i, annotation in enumerate(part["annotations"])]
             done = self.event("response.output_text.done", **ids, content_index=0,
                               text=part["text"], logprobs=[])
-        return [done,
+        return [*added, done,
                 self.event("response.content_part.done", **ids, content_index=0, part=dict(part)),
                 self.event("response.output_item.done", output_index=index, item=copy.deepcopy(item))]
 
@@ -389,46 +388,34 @@ async def run_events(state: ServerState, request: ResponsesRequest, http_request
 
 async def _events(state: ServerState, builder: ResponseBuilder, stream, http_request
                   ) -> AsyncIterator[dict[str, Any]]:
-    """Stream a generation's events; while it ends in a call to a built-in tool the server
-    runs (python, browser), run it, add the call and the reply to the history and generate
-    again (at most `MAX_TOOL_ROUNDS` times). Each response gets fresh tool sessions."""
+    """Stream a generation's events, with the built-in tools the server runs (python,
+    browser) answering their calls between rounds (`tool_rounds`). Each response gets fresh
+    tool sessions, closed after its last event (the final answer's citations need the pages)."""
     for event in builder.start():
         yield event
-    request, tools, rounds = builder.request, {}, 0
+    tools = builder.tools
+    result = None
     try:
-        while True:
-            result = None
-            async for event in guarded(http_request, stream, stream.events()):
-                if isinstance(event, GenerationResult):
-                    result = event
-                else:
-                    for out in builder.feed(event):
-                        yield out
-            if result is None:  # cancelled: the client is gone
-                for out in builder.fail(APIError(499, "the request was cancelled", code="cancelled")):
+        async for event in tool_rounds(state, builder.request.plan, stream, tools, http_request):
+            if isinstance(event, GenerationResult):
+                result = event
+                builder.count(result)
+            elif isinstance(event, ToolRun):
+                for out in builder.tool_output("\n".join(m.text() for m in event.replies)):
                     yield out
-                return
-            builder.count(result)
-            left = request.plan.max_tokens - builder.usage["output"]
-            if builder.running is None or rounds >= MAX_TOOL_ROUNDS or left < 1:
-                break
-            rounds += 1
-            call = result.messages[-1]
-            name = builder.running.kind.removesuffix("_call")
-            if name not in tools:
-                tools[name] = state.builtin_tools[name]()
-            replies = await asyncio.to_thread(tools[name].process, call)
-            for out in builder.tool_output("\n".join(m.text() for m in replies)):
+                builder.history += [*event.messages, *event.replies]
+                result = None
+            else:
+                for out in builder.feed(event):
+                    yield out
+        if result is None:  # cancelled: the client is gone
+            for out in builder.fail(APIError(499, "the request was cancelled", code="cancelled")):
                 yield out
-            builder.history += [*result.messages, *replies]
-            plan = request.replan(state, builder.history, left)
-            stream = state.worker.start(plan.ids, admitted=True, **plan.options)
+            return
+        for out in builder.finish(result):
+            yield out
     except Exception as e:  # noqa: BLE001 - reported to this client as response.failed
         for out in builder.fail(as_api_error(e)):
             yield out
-        return
     finally:
-        for tool in tools.values():
-            tool.close()
-    for out in builder.finish(result):
-        yield out
+        tools.close()

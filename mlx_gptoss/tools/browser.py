@@ -13,8 +13,8 @@ looks like the reference's browsing display:
 
 Lines are the page text wrapped at 80 columns; a view shows up to `view_chars` characters of
 numbered lines (about 1000 tokens, the reference's view) unless `num_lines` is given. The model
-cites `【cursor†Lx-Ly】`; `cite(text)` turns those into links and URL annotations (the server's
-`url_citation`). Search results are a page too, each result a numbered link. Anything that goes
+cites `【cursor†Lx-Ly】`; `citations(text)` finds the markers that cite a page really opened
+(the server's `url_citation` annotations span them), `cite(text)` turns them into links. Search results are a page too, each result a numbered link. Anything that goes
 wrong (bad arguments, a refused or failed fetch) is a reply the model reads.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import re
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import quote, unquote, urlsplit
 
 from ..harmony import Message, ToolDescription, ToolNamespaceConfig
@@ -254,33 +254,53 @@ class BrowserTool(Tool):
 
     # ----------------------------------------------------------------- citations
 
+    def citations(self, text: str) -> list[Citation]:
+        """The `【cursor†Lx-Ly】` markers of `text` that point at lines of a page this tool
+        opened, spans of `text` itself (see `citations`)."""
+        return citations(text, self.stack)
+
     def cite(self, text: str) -> tuple[str, list[Citation]]:
         """`text` with each `【cursor†Lx-Ly】` of an open page replaced by `([domain](url))`,
         and the citations; unknown cursors stay as they are."""
         return cite(text, self.stack)
 
 
-def cite(text: str, pages: list[Page]) -> tuple[str, list[Citation]]:
-    """The citation helper behind `BrowserTool.cite`, for any page stack (e.g. the server's)."""
-    out, citations, last = [], [], 0
-    length = 0
+def citations(text: str, pages: list[Page]) -> list[Citation]:
+    """Each `【cursor†Lx-Ly】` in `text` that cites lines of a page in `pages` (the tool's cursor
+    stack), spanning the marker itself: the text is left unchanged, as the server's
+    `url_citation` annotations need. The model's output is not trusted: a cursor never opened,
+    a page without a URL (search results), a range past the page's last line or reversed is no
+    citation, and its marker stays plain text."""
+    out = []
+    line_counts: dict[int, int] = {}
     for match in CITATION.finditer(text):
         cursor, first = int(match.group(1)), int(match.group(2))
+        last = int(match.group(3) or first)
         page = pages[cursor] if cursor < len(pages) else None
         if page is None or not page.url.startswith(("http://", "https://")):
             continue
-        before = text[last:match.start()]
-        out.append(before)
-        length += len(before)
-        domain = urlsplit(page.url).hostname or page.url
-        replacement = f"([{domain}]({page.url}))"
-        citations.append(Citation(length, length + len(replacement), page.url, page.title,
-                                  (first, int(match.group(3) or first))))
-        out.append(replacement)
-        length += len(replacement)
-        last = match.end()
+        if cursor not in line_counts:
+            line_counts[cursor] = len(wrap(page.text))
+        if not first <= last < line_counts[cursor]:
+            continue
+        out.append(Citation(match.start(), match.end(), page.url, page.title, (first, last)))
+    return out
+
+
+def cite(text: str, pages: list[Page]) -> tuple[str, list[Citation]]:
+    """`text` with each valid citation (see `citations`) replaced by a `([domain](url))` link,
+    and the citations, re-indexed to span the links (for plain-text front ends: the CLI)."""
+    out, linked, last, shift = [], [], 0, 0
+    for found in citations(text, pages):
+        domain = urlsplit(found.url).hostname or found.url
+        link = f"([{domain}]({found.url}))"
+        out += [text[last:found.start_index], link]
+        start = found.start_index + shift
+        linked.append(replace(found, start_index=start, end_index=start + len(link)))
+        shift += len(link) - (found.end_index - found.start_index)
+        last = found.end_index
     out.append(text[last:])
-    return "".join(out), citations
+    return "".join(out), linked
 
 
 def wrap(text: str, width: int = 80) -> list[str]:
