@@ -90,13 +90,22 @@ class ExaSearch:
 
 
 class DdgsSearch:
+    """The `ddgs` library's text search (`DDGS().text(query, max_results=N)`: dicts with
+    `title`, `href`, `body`; written against ddgs 9.16), which queries public search engines
+    itself. It is an optional dependency: without it the provider refuses in one line."""
+
     name = "ddgs"
 
     def __init__(self):
         try:
             from ddgs import DDGS
-        except ImportError:
-            raise ToolError("the ddgs search provider needs the ddgs package: pip install ddgs") from None
+        except ModuleNotFoundError as e:
+            if e.name != "ddgs":
+                raise ToolError(f"the ddgs package cannot be imported: {e}") from None
+            raise ToolError("the ddgs search provider (--browser-search ddgs) needs the ddgs "
+                            "package, which is not installed: pip install ddgs") from None
+        except ImportError as e:  # installed, but not the DDGS API (another version)
+            raise ToolError(f"the ddgs package cannot be imported: {e}") from None
         self._client = DDGS()
 
     def search(self, query: str, topn: int) -> list[SearchResult]:
