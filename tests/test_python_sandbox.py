@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -236,18 +237,84 @@ def test_each_run_can_be_confirmed(sandboxed):
     assert asked == ["print('yes')", "print('no')"]
 
 
-def test_the_macos_profile_denies_network_fork_and_home(tmp_path):
-    profile = python_module._seatbelt_profile(str(tmp_path / "work"), str(tmp_path / "tmp"))
-    assert "(deny default)" in profile and "(deny network*)" in profile
-    assert "(deny process-fork)" in profile
-    [writes] = [line for line in profile.splitlines() if line.startswith("(allow file-write*")]
-    assert writes == (f'(allow file-write* (subpath "{tmp_path / "work"}") '
-                      f'(subpath "{tmp_path / "tmp"}") (literal "/dev/null"))')
-    home = os.path.realpath(os.path.expanduser("~"))
-    reads = [p for p in profile.split('"') if p.startswith("/")]
-    assert all(not p.startswith(home) or p.startswith(sys.base_prefix) or p.startswith(sys.prefix)
-               or p.startswith(os.path.dirname(python_module.__file__)) or p.startswith(str(tmp_path))
-               for p in reads)
+class Literal(str):
+    """A string literal of a Seatbelt profile (a bare word is a plain str)."""
+
+
+def read_profile(text: str) -> list:
+    """A Seatbelt profile's S-expressions as nested lists; fails on anything unbalanced or
+    unreadable (the syntax sandbox-exec would refuse)."""
+    token = re.compile(r'\s+|(?P<open>\()|(?P<close>\))|"(?P<string>(?:[^"\\]|\\.)*)"|(?P<word>[^\s()"]+)')
+    stack: list[list] = [[]]
+    position = 0
+    while position < len(text):
+        match = token.match(text, position)
+        assert match, f"unreadable profile at {text[position:position + 40]!r}"
+        position = match.end()
+        if match["open"]:
+            stack.append([])
+        elif match["close"]:
+            assert len(stack) > 1, "unbalanced ')'"
+            done = stack.pop()
+            stack[-1].append(done)
+        elif match["string"] is not None:
+            stack[-1].append(Literal(match["string"]))
+        elif match["word"]:
+            stack[-1].append(match["word"])
+    assert len(stack) == 1, "unbalanced '('"
+    return stack[0]
+
+
+def test_the_macos_profile_denies_network_fork_and_home(monkeypatch):
+    """The Seatbelt profile and `sandbox-exec` command, as text: sandbox-exec cannot run on
+    this Linux machine, so this is the one check of it here. Laid out as on a Mac (home, venv
+    and checkout under /Users, hostile directory names): deny by default, no network, no fork,
+    writes only in the session and temp directories, and no read rule that covers the home
+    directory: only the venv and the package inside it are readable. Machine paths are
+    parameters (`-DNAME=VALUE`), never spliced into the profile."""
+    home = "/Users/alice"
+    venv, package = f"{home}/proj/.venv", f'{home}/src/mlx "gpt)oss\\" é/mlx_gptoss/tools'
+    base = "/opt/homebrew/Cellar/python@3.11/3.11.9/Frameworks/Python.framework/Versions/3.11"
+    monkeypatch.setenv("HOME", home)
+    monkeypatch.setattr(sys, "prefix", venv)
+    monkeypatch.setattr(sys, "base_prefix", base)
+    monkeypatch.setattr(sys, "executable", f"{base}/bin/python3.11")
+    monkeypatch.setattr(python_module, "WORKER", Path(package) / "python_worker.py")
+    work, tmp = "/private/var/folders/x7/T/mlx-gptoss-python-(a\")", "/private/var/folders/x7/T/tmp-\\é"
+    command = python_module._seatbelt_command(work, tmp)
+    assert command[:2] == ["/usr/bin/sandbox-exec", "-p"]
+    params = dict(arg[2:].split("=", 1) for arg in command[3:])
+    assert all(arg.startswith("-D") for arg in command[3:])
+    assert params["WORK_DIR"] == work and params["TMP_DIR"] == tmp
+    rules = read_profile(command[2])
+    assert rules[:2] == [["version", "1"], ["deny", "default"]]
+    assert ["deny", "network*"] in rules and ["deny", "process-fork"] in rules
+    assert not [r for r in rules if r[0] == "allow" and r[1].startswith(("network", "process-fork"))]
+
+    def paths(rule: list) -> list[str]:
+        """What each (subpath ...) / (literal ...) filter of `rule` names (params resolved)."""
+        out = []
+        for kind, value in rule[2:]:
+            assert kind in ("subpath", "literal")
+            if isinstance(value, list):
+                assert value[0] == "param" and isinstance(value[1], Literal)
+                value = params[value[1]]
+            else:
+                assert isinstance(value, Literal) and "\\" not in value  # constants only
+            out.append((kind, value))
+        return out
+
+    [writes] = [r for r in rules if r[:2] == ["allow", "file-write*"]]
+    assert paths(writes) == [("subpath", work), ("subpath", tmp), ("literal", "/dev/null")]
+    [reads] = [r for r in rules if r[:2] == ["allow", "file-read*"]]
+    readable = [value for _, value in paths(reads)]
+    assert not [p for p in readable if home == p or home.startswith(p.rstrip("/") + "/")]
+    assert sorted(p for p in readable if p.startswith(home + "/")) == sorted([venv, package])
+    assert {work, tmp, "/usr", "/System", "/Library", "/private/etc", base} <= set(readable)
+    # every other rule is a path-free allow of the list the profile documents
+    others = [r for r in rules[2:] if r not in (writes, reads) and r[0] == "allow"]
+    assert sorted(r[1] for r in others) == ["file-read-metadata", "ipc-posix-shm", "mach-lookup",
+                                            "process-exec", "signal", "sysctl-read"]
 
 
 @pytest.mark.slow

@@ -101,22 +101,40 @@ def _bwrap_command(bwrap: str, workdir: str, worker: list[str]) -> list[str]:
     return command + ["--", sys.executable, "-I", "/opt/mlx-gptoss/python_worker.py", *worker]
 
 
-def _seatbelt_profile(workdir: str, tmpdir: str) -> str:
-    """No network, no fork, reads of system and Python files only, writes in two directories."""
-    readable = sorted({"/usr", "/System", "/Library", "/private/etc", "/dev", "/bin",
-                       sys.prefix, sys.base_prefix, str(WORKER.parent),
-                       str(Path(sys.executable).resolve().parent.parent), workdir, tmpdir})
-    quote = json.dumps
-    return "\n".join([
+SEATBELT_SYSTEM_READS = ("/usr", "/System", "/Library", "/private/etc", "/dev", "/bin")
+
+
+def _seatbelt_profile(workdir: str, tmpdir: str) -> tuple[str, dict[str, str]]:
+    """No network, no fork, reads of system and Python files only, writes in two directories.
+
+    The profile and its parameters: every path that depends on the machine (the Python
+    installation, this package, the two directories) is a `(param "NAME")` whose value
+    `sandbox-exec -DNAME=VALUE` passes, as Codex CLI does, so a quote, a backslash or a
+    non-ASCII letter in a path can never change the profile. Paths are resolved (Seatbelt
+    matches real paths: /var is /private/var)."""
+    python = sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, str(WORKER.parent),
+                                                   str(Path(sys.executable).resolve().parent.parent))})
+    params = {**{f"PYTHON_{i}": path for i, path in enumerate(python)},
+              "WORK_DIR": workdir, "TMP_DIR": tmpdir}
+    reads = [f"(subpath {json.dumps(p)})" for p in SEATBELT_SYSTEM_READS]
+    reads += [f'(subpath (param "{name}"))' for name in params]
+    profile = "\n".join([
         "(version 1)", "(deny default)",
         "(allow process-exec)", "(allow signal (target self))", "(allow sysctl-read)",
         "(allow mach-lookup)", "(allow ipc-posix-shm)",
         "(allow file-read-metadata)",
-        "(allow file-read* " + " ".join(f"(subpath {quote(p)})" for p in readable) + ")",
-        f"(allow file-write* (subpath {quote(workdir)}) (subpath {quote(tmpdir)}) "
-        "(literal \"/dev/null\"))",
+        "(allow file-read* " + " ".join(reads) + ")",
+        '(allow file-write* (subpath (param "WORK_DIR")) (subpath (param "TMP_DIR")) '
+        '(literal "/dev/null"))',
         "(deny network*)", "(deny process-fork)",
     ])
+    return profile, params
+
+
+def _seatbelt_command(workdir: str, tmpdir: str) -> list[str]:
+    """`sandbox-exec -p PROFILE -DNAME=VALUE ...`: the prefix of the kernel's command."""
+    profile, params = _seatbelt_profile(workdir, tmpdir)
+    return ["/usr/bin/sandbox-exec", "-p", profile, *(f"-D{k}={v}" for k, v in params.items())]
 
 
 def _environment(home: str, tmp: str) -> dict[str, str]:
@@ -315,8 +333,7 @@ class PythonTool(Tool):
             prefix = []
             if self.sandbox == "seatbelt":
                 # Only the kernel is confined (it may not fork): the supervisor must start it.
-                prefix = ["/usr/bin/sandbox-exec", "-p", _seatbelt_profile(
-                    os.path.realpath(workdir), os.path.realpath(self._tmpdir))]
+                prefix = _seatbelt_command(os.path.realpath(workdir), os.path.realpath(self._tmpdir))
             command = [sys.executable, "-I", str(WORKER), "supervisor", *limits, json.dumps(prefix)]
         self.cgroup = _pids_cgroup() if os.geteuid() == 0 else None
         if self.cgroup is not None:
