@@ -69,11 +69,20 @@ def site():
 
 class ContextModel(ScriptedModel):
     """The scripted rounds, recording the whole prompt of a request's first round when the
-    model reads its end (a prompt the server's cache holds whole is not read again)."""
+    model reads its end (a prompt the server's cache holds whole is not read again). Asked
+    to answer "from memory", it writes the cited answer at once, without browsing."""
 
-    def __init__(self):
+    def __init__(self, tok):
         super().__init__([harmony(r) for r in ROUNDS])
+        self.browsing, self.answer_only = self.responses, [harmony(ROUNDS[-1])]
+        self.from_memory = tok.encode(" from memory")
         self.first_prompts: list[list[int]] = []
+
+    def next_token(self, context: list[int]) -> int:
+        n = len(self.from_memory)
+        memory = any(context[i:i + n] == self.from_memory for i in range(len(context) - n + 1))
+        self.responses = self.answer_only if memory else self.browsing
+        return super().next_token(context)
 
     def __call__(self, inputs, cache=None, **options):
         logits = super().__call__(inputs, cache=cache, **options)
@@ -85,7 +94,7 @@ class ContextModel(ScriptedModel):
 
 @contextmanager
 def serving(site: str, tok):
-    model = ContextModel()
+    model = ContextModel(tok)
     app = create_app(model, tok, served_name=NAME, builtin_tools={
         "browser": lambda: BrowserTool(f"searxng:{site}", allow_private=True)})
     with running(app) as url:
@@ -120,6 +129,11 @@ def test_responses_carry_url_citations_created_and_streamed(site, tok):
         with api.responses.stream(model=NAME, input="What is MLX?", tools=tools) as stream:
             events = list(stream)
             streamed = stream.get_final_response()
+        last_read = tok.decode(model.prefills[-1])
+        # the same citation in a response that opened nothing (others did) cites nothing
+        unbrowsed = api.responses.create(model=NAME, input="Answer from memory", tools=tools)
+    [message] = unbrowsed.output
+    assert message.content[0].text == ANSWER and message.content[0].annotations == []
     assert [item.type for item in response.output] == ["web_search_call", "web_search_call", "message"]
     for final in (response, streamed):
         [part] = final.output[-1].content
@@ -138,7 +152,7 @@ def test_responses_carry_url_citations_created_and_streamed(site, tok):
     assert types[text_events[-1]] == "response.output_text.done"
     assert types.index("response.output_text.delta") < types.index("response.output_text.annotation.added")
     # the model read the page it cites
-    assert "[1] Lazy arrays" in tok.decode(model.prefills[-1])
+    assert "<|start|>browser.open to=assistant" in last_read and "[1] Lazy arrays" in last_read
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ cite a page the browser opened; a stream sends them in one delta after the conte
 """
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from typing import Any, AsyncIterator
@@ -39,6 +40,8 @@ from .generation import BuiltinTools, Plan, ServerState, ToolRun, plan_generatio
 from .protocol import bad_request, get, get_number, get_positive_int
 from .responses import as_api_error
 
+log = logging.getLogger("mlx_gptoss.server")
+
 
 def parse_request(state: ServerState, body: dict[str, Any]) -> tuple[Plan, dict[str, Any]]:
     """The plan and the knobs the output needs (stream, include_usage, stop strings)."""
@@ -52,7 +55,10 @@ def parse_request(state: ServerState, body: dict[str, Any]) -> tuple[Plan, dict[
     choice = tool_choice_of(body.get("tool_choice"), functions)
     schema, name = response_schema(get(body, "response_format", "object", ""), "response_format",
                                    nested=True)
-    browse = get(body, "web_search_options", "object", "") is not None and "browser" in state.builtin_tools
+    browse = get(body, "web_search_options", "object", "") is not None
+    if browse and "browser" not in state.builtin_tools:
+        log.warning("web_search_options: the browser is not enabled on this server (--browser); ignored")
+        browse = False
     prompt = Prompt(history=reader.history, instructions=reader.instructions,
                     functions=[] if choice == "none" else functions,
                     effort=clamp_effort(body.get("reasoning_effort"), "reasoning_effort"),

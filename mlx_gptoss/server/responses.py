@@ -326,6 +326,8 @@ class ResponseBuilder:
     def tool_output(self, output: str) -> list[dict[str, Any]]:
         """A built-in tool answered the open call: close its item (python's with the logs;
         OpenAI's web_search_call carries no page text)."""
+        if self.running is None:  # the call was never opened as a built-in item
+            return []
         if self.running.kind == "python_call":
             self.running.item["outputs"] = [{"type": "logs", "logs": output}]
         return self._close(None, "call")
