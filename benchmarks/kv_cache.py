@@ -34,6 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mlx_gptoss.benchmark import Settings, decode, synthetic_checkpoint  # noqa: E402
+from mlx_gptoss.cache import KVCache, QuantizedKVCache  # noqa: E402
 from mlx_gptoss.loading import load_model  # noqa: E402
 from mlx_gptoss.memory import kv_bytes_per_position  # noqa: E402
 from mlx_gptoss.model import prefill  # noqa: E402
@@ -63,34 +64,67 @@ def percentiles(x: np.ndarray) -> dict[str, float]:
             "p99.9": float(qs[3]), "max": float(x.max()), "mean": float(x.mean())}
 
 
+class RoundedKVCache(KVCache):
+    """The unquantized cache with its keys and values stored in `dtype` (bf16): the reference
+    lossy cache, the one the issue calls "the bf16 cache", under float32 compute."""
+
+    def __init__(self, dtype=mx.bfloat16) -> None:
+        super().__init__()
+        self.dtype = dtype
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        return super().update_and_fetch(keys.astype(self.dtype).astype(keys.dtype),
+                                        values.astype(self.dtype).astype(values.dtype))
+
+
+# The caches compared with the float32 one: label -> how to make each full layer's cache.
+LOSSY = {"bf16": lambda: RoundedKVCache(), "8-bit": lambda: QuantizedKVCache(8, 64),
+         "4-bit": lambda: QuantizedKVCache(4, 64)}
+
+
 def accuracy(args, out: list) -> None:
     settings = Settings(layers=args.layers, cache_dir=Path(args.cache_dir),
                         widths={**REAL_WIDTHS, "vocab_size": args.vocab})
     model, _ = load_model(synthetic_checkpoint(settings), "float32")
     prompt = mx.array(np.random.default_rng(0).integers(0, args.vocab, (1, args.prompt)))
-    caches = [model.make_cache(kv_bits=bits) for bits in BITS]
+    caches = [model.make_cache()]
+    for make in LOSSY.values():
+        caches.append([make() if type(c) is KVCache else c
+                       for c in model.make_cache()])
     logits = mx.concatenate([prefill(model, prompt, c) for c in caches])
-    deltas: dict[int, list[np.ndarray]] = {8: [], 4: []}
-    agree = {8: None, 4: None}  # first step whose argmax differs from the unquantized one
-    tokens, spread, start, steps = [], [], time.perf_counter(), 0
+    names = list(LOSSY)
+    deltas: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    first = {n: None for n in names}  # first step whose argmax differs from float32's
+    differ: dict[str, list[dict]] = {n: [] for n in names}  # every such step, teacher-forced
+    tokens, spread, margins, start, steps = [], [], [], time.perf_counter(), 0
     while steps < args.tokens and time.perf_counter() - start < args.seconds:
         rows = np.array(logits, dtype=np.float64)
         best = rows.argmax(-1)
+        top2 = np.sort(rows[0])[-2:]
+        margins.append(top2[1] - top2[0])
         spread.append(rows[0].std())
-        for i, bits in enumerate(BITS[1:], 1):
-            deltas[bits].append(np.abs(rows[i] - rows[0]).astype(np.float32))
-            if agree[bits] is None and best[i] != best[0]:
-                agree[bits] = steps
+        for i, name in enumerate(names, 1):
+            deltas[name].append(np.abs(rows[i] - rows[0]).astype(np.float32))
+            if best[i] != best[0]:
+                first[name] = steps if first[name] is None else first[name]
+                differ[name].append({"step": steps, "top2_margin": float(margins[-1]),
+                                     "max_abs_delta": float(deltas[name][-1].max())})
         tokens.append(int(best[0]))
         steps += 1
-        logits = model.step_rows(mx.array([int(best[0])] * len(BITS)), caches)
-    for bits in (8, 4):
-        emit(out, {"mode": "accuracy", "kv_bits": bits, "layers": args.layers,
+        if steps % 256 == 0:
+            print(f"{steps} steps, {time.perf_counter() - start:.0f} s", file=sys.stderr,
+                  flush=True)
+        logits = model.step_rows(mx.array([int(best[0])] * len(caches)), caches)
+    margins_np = np.array(margins)
+    for name in names:
+        emit(out, {"mode": "accuracy", "cache": name, "layers": args.layers,
                    "prompt": args.prompt, "steps": steps,
-                   "greedy_equal_steps": steps if agree[bits] is None else agree[bits],
+                   "greedy_equal_steps": steps if first[name] is None else first[name],
+                   "teacher_forced_argmax_differs": differ[name],
                    "distinct_tokens": len(set(tokens)),
                    "logit_std": float(np.mean(spread)),
-                   "abs_delta_logit": percentiles(np.concatenate(deltas[bits]))})
+                   "top2_margin": {**percentiles(margins_np), "min": float(margins_np.min())},
+                   "abs_delta_logit": percentiles(np.concatenate(deltas[name]))})
 
 
 def tiny_model(args, widths=TINY_KV, name="kv-tiny"):
