@@ -399,7 +399,8 @@ def load(model: str | os.PathLike, dtype: str | mx.Dtype | None = None, *,
 # --------------------------------------------------------------------------- output, errors
 
 
-def _peer_lost(error: BaseException) -> bool:
+def peer_lost(error: BaseException) -> bool:
+    """Whether `error` is MLX's report of a rank that went away (its collectives fail)."""
     return isinstance(error, RuntimeError) and str(error).startswith(("[ring]", "[jaccl]",
                                                                       "[mpi]", "[nccl]"))
 
@@ -426,7 +427,7 @@ def rank_zero_output(group: mx.distributed.Group | None = None) -> Iterator[None
     try:
         yield
     except RuntimeError as e:
-        if not _peer_lost(e):
+        if not peer_lost(e):
             raise
         raise DistributedError(f"rank {rank}/{size}: lost the connection to another rank "
                                f"(did it stop or crash?): {e}") from None

@@ -34,14 +34,18 @@ DIST_CONFIG = dict(num_local_experts=7, num_experts_per_tok=4, num_hidden_layers
                    intermediate_size=256)
 
 
-@pytest.fixture(scope="module")
-def chat4_checkpoint(checkpoint_factory) -> Path:
+def make_chat4(checkpoint_factory) -> Path:
     """`chat_checkpoint` with 4 layers: two pipeline stages of one sliding + one full layer."""
     from mlx_gptoss.harmony import copy_vocabulary
 
     path = checkpoint_factory("distributed_chat4", seed=5, vocab_size=201088, num_hidden_layers=4)
     copy_vocabulary(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def chat4_checkpoint(checkpoint_factory) -> Path:
+    return make_chat4(checkpoint_factory)
 
 
 @pytest.fixture(scope="module")

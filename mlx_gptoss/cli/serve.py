@@ -1,4 +1,6 @@
-"""`mlx-gptoss serve`: the OpenAI-compatible server (Responses and Chat Completions)."""
+"""`mlx-gptoss serve`: the OpenAI-compatible server (Responses and Chat Completions).
+
+Under `mlx.launch` rank 0 serves and the other ranks follow (`server.worker.follow`)."""
 from __future__ import annotations
 
 import sys
@@ -7,13 +9,16 @@ from typing import Optional
 
 import typer
 
+from ..distributed import rank_zero_command
 from ..errors import GptOssError
 from .generate import (ADAPTER, BROWSER, BROWSER_ALLOW_PRIVATE, BROWSER_SEARCH, DTYPE, KV_BITS,
-                       PYTHON, PYTHON_UNSAFE, builtin_tools, model_option)
+                       PARALLEL, PIPELINE_MEMORY, PYTHON, PYTHON_UNSAFE, builtin_tools,
+                       model_option)
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")  # as server.app.LOOPBACK_HOSTS (not imported: slow)
 
 
+@rank_zero_command
 def serve(
     model: str = model_option(),
     host: str = typer.Option("127.0.0.1", "--host",
@@ -39,20 +44,36 @@ def serve(
     dtype: Optional[str] = DTYPE,
     adapter: Optional[Path] = ADAPTER,
     kv_bits: Optional[int] = KV_BITS,
+    parallel: str = PARALLEL,
+    pipeline_memory: Optional[str] = PIPELINE_MEMORY,
 ) -> None:
     """Serve a model over OpenAI's Responses and Chat Completions APIs."""
+    from ..distributed import init_group, load
     from ..engine import Engine
-    from ..hub import load
     from ..server import create_app
     from ..server import serve as run
+    from ..server.worker import follow
 
+    ranks = init_group().size()
+    if ranks > 1:
+        if kv_bits is not None:
+            raise GptOssError("--kv-bits needs the batched engine, which does not run across "
+                              "ranks yet")
+        max_concurrency = 1
     if kv_bits is not None and max_concurrency < 2:
         raise GptOssError("--kv-bits needs the batched engine (--max-concurrency 2 or more)")
     # Code runs without asking (the opt-in is --python), a fresh session per response.
     tools = builtin_tools(python=python, python_unsafe=python_unsafe, confirm_code=None,
                           browser=browser, browser_search=browser_search,
                           browser_allow_private=browser_allow_private)
-    net, tokenizer = load(model, dtype, adapter=adapter)
+    net, tokenizer = load(model, dtype, adapter=adapter, parallel=parallel,
+                          pipeline_memory=pipeline_memory, tools=[f"--{t}" for t in tools])
+    if ranks > 1 and net.shard.group.rank() != 0:
+        follow(net, tokenizer)  # no server here: rank 0's generation calls, until it stops
+        return
+    if ranks > 1:
+        print(f"serving across {ranks} ranks: one request decodes at a time (the others "
+              "wait in the queue)", file=sys.stderr, flush=True)
     # Several rows: the batched engine; one: the pipelined single-sequence loop (lower latency).
     engine = (Engine(net, tokenizer, max_batch=max_concurrency, kv_bits=kv_bits)
               if max_concurrency > 1 else None)
