@@ -405,6 +405,12 @@ def peer_lost(error: BaseException) -> bool:
                                                                       "[mpi]", "[nccl]"))
 
 
+def lost_peer_error(group: mx.distributed.Group, error: BaseException) -> DistributedError:
+    """The one line a rank reports when `error` (see `peer_lost`) ended its collectives."""
+    return DistributedError(f"rank {group.rank()}/{group.size()}: lost the connection to "
+                            f"another rank (did it stop or crash?): {error}")
+
+
 # Where each rank's own lines (its load line) go while `rank_zero_output` silences it.
 _rank_stderr: list[Any] = []
 
@@ -429,8 +435,7 @@ def rank_zero_output(group: mx.distributed.Group | None = None) -> Iterator[None
     except RuntimeError as e:
         if not peer_lost(e):
             raise
-        raise DistributedError(f"rank {rank}/{size}: lost the connection to another rank "
-                               f"(did it stop or crash?): {e}") from None
+        raise lost_peer_error(group, e) from None
     finally:
         _rank_stderr.pop()
         if rank != 0:

@@ -142,3 +142,33 @@ def test_jobs_cross_ranks_as_json():
     assert follower["sampling"] == options["sampling"]
     assert len(follower["logits_processors"]) == 1
     assert "logits_processors" not in job_options(job_message([1], {"max_tokens": 1}))
+
+
+@pytest.mark.slow
+def test_a_lost_follower_stops_the_server(checkpoint, tmp_path):
+    """Rank 1 killed mid-stream: the client is told, rank 0 exits 2 with one line."""
+    with two_rank_server(checkpoint, tmp_path) as (url, procs):
+        body = dict(CHAT, max_tokens=100000, stream=True)
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as stream:
+            lines = stream.iter_lines()
+            for line in lines:
+                if '"delta": {"content"' in line:
+                    break
+            procs[1].kill()
+            tail = [line for line in lines if line.startswith("data: ")]
+        assert any('"rank_lost"' in line for line in tail), tail[-3:]
+        _, err = procs[0].communicate(timeout=60)
+    assert procs[0].returncode == 2, err[-3000:]
+    assert "error: rank 0/2: lost the connection to another rank" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_a_follower_that_loses_rank_0_exits(checkpoint, tmp_path):
+    with two_rank_server(checkpoint, tmp_path) as (url, procs):
+        assert client(url).chat.completions.create(**CHAT).usage.completion_tokens == 12
+        procs[0].kill()
+        _, err = procs[1].communicate(timeout=60)
+    assert procs[1].returncode == 2, err[-3000:]
+    assert "error: rank 1/2: lost the connection to another rank" in err
+    assert "Traceback" not in err

@@ -3,7 +3,10 @@
 Under `mlx.launch` rank 0 serves and the other ranks follow (`server.worker.follow`)."""
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -87,10 +90,37 @@ def serve(
     if host not in LOOPBACK and api_key is None:
         print(f"warning: serving on {host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
+    if ranks > 1:
+        serve_across_ranks(app, host, port)
+        return
     try:
         run(app, host, port, on_ready=lambda url: print(url, flush=True))
     except OSError as e:  # the port is taken, the address does not exist, ...
         raise GptOssError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
+
+
+def serve_across_ranks(app, host: str, port: int) -> None:
+    """Rank 0: HTTP from a background thread, the generations on this (main) thread, where
+    MLX reports a lost rank. Ctrl-C or SIGTERM stops the running generation within a token,
+    tells the other ranks to stop, then stops the server; a lost rank ends with its line."""
+    from ..server.app import running
+
+    worker = app.state.server.worker
+
+    def stop(signum, frame) -> None:  # a thread: the handler may interrupt one holding a lock
+        threading.Thread(target=worker.shutdown, daemon=True).start()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
+    with contextlib.ExitStack() as stack:
+        try:
+            url = stack.enter_context(running(app, host, port))
+        except RuntimeError as e:  # uvicorn could not bind (its log says why)
+            raise GptOssError(f"cannot serve on {host}:{port}: {e}") from None
+        print(url, flush=True)
+        worker.run()
+    if worker.lost is not None:
+        raise worker.lost
 
 
 def register(app: typer.Typer) -> None:

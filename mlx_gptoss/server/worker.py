@@ -14,7 +14,9 @@ at a time over one shared `PromptCache`, the others waiting in order. Either way
 conversation's next turn, or a `previous_response_id` continuation, prefills only what is new.
 
 Across ranks (a model from `distributed.load` under `mlx.launch`), rank 0 serves with the
-single-sequence loop and the other ranks run `follow`, no server: for each job rank 0
+single-sequence loop, run by the main thread (`Worker.run`: MLX raises a lost rank's error
+there, while a collective on another thread waits forever, measured), the HTTP server on
+another; the other ranks run `follow`, no server. For each job rank 0
 broadcasts the prompt ids and options (JSON), every rank makes the same `stream_generate` call
 (rank 0's sampled token on every rank), and after every event all ranks agree whether to go on
 (one tiny all_sum of rank 0's stop flag: a client gone, a stop string, a failed constraint), so
@@ -103,6 +105,9 @@ class Worker:
         self.tokenizer = tokenizer
         self.engine = engine
         self.group = group_of(model)
+        # Across ranks: set once another rank is gone (every later job would fail too).
+        self.lost: DistributedError | None = None
+        self._current: Stream | None = None
         if self.group is not None and engine is not None:
             raise DistributedError("the batched engine does not run across ranks yet: serve "
                                    "with --max-concurrency 1 under mlx.launch")
@@ -115,8 +120,9 @@ class Worker:
         self.cache = None if engine is not None else PromptCache.for_model(model, sliding_slack=DEFAULT_SLIDING_SLACK)
         self.records: deque[JobRecord] = deque(maxlen=256)
         self.finished = threading.Condition()
-        # Without the engine one request decodes at a time, whatever --max-concurrency says.
-        threads = max_concurrency if engine is not None else 1
+        # Without the engine one request decodes at a time, whatever --max-concurrency says;
+        # across ranks the caller's thread runs the jobs (`run`).
+        threads = 0 if self.group is not None else max_concurrency if engine is not None else 1
         self._threads = [threading.Thread(target=self._loop, daemon=True, name=f"mlx-gptoss-generation-{i}")
                          for i in range(threads)]
         for thread in self._threads:
@@ -142,6 +148,8 @@ class Worker:
         already being answered (after a built-in tool ran), never refused."""
         stream = Stream(self, asyncio.get_running_loop())
         with self._lock:
+            if self.lost is not None:
+                raise _unavailable(self.lost)
             if self.admitted >= self.capacity and not admitted:
                 raise APIError(429, "the server is busy (its request queue is full); retry later",
                                type="rate_limit_exceeded", code="rate_limit_exceeded")
@@ -167,14 +175,35 @@ class Worker:
                 closed = self._closed
                 if not closed:
                     stream, prompt, options = self._waiting.popleft()
+                    self._current = stream
             if closed:
                 self._release_followers()
                 return
             self._run(stream, prompt, options)
+            self._current = None
+
+    def run(self) -> None:
+        """Across ranks: run the jobs on this thread (the main one, see the module docstring)
+        until `close()` or a lost rank; then the other ranks are told to stop."""
+        self._loop()
+
+    def shutdown(self) -> None:
+        """`close()`, and cancel the generation running now (it stops within one token)."""
+        current = self._current
+        if current is not None:
+            current.cancelled.set()
+        self.close()
+
+    def _lose_rank(self, error: RuntimeError) -> APIError:
+        """Another rank is gone: answer this request and every later one 503, and stop."""
+        self.lost = distributed.lost_peer_error(self.group, error)
+        log.error("%s", self.lost)
+        self.close()
+        return _unavailable(self.lost)
 
     def _release_followers(self) -> None:
         """Tell the other ranks to stop (from this thread, after its last job's collectives)."""
-        if self.group is None:
+        if self.group is None or self.lost is not None:
             return
         try:
             distributed.broadcast_json(STOP_JOB, self.group)
@@ -194,6 +223,8 @@ class Worker:
             finally:
                 generation.close()  # frees the row (and leaves the cache consistent) now
         except Exception as e:  # reported to this request only
+            if self.group is not None and distributed.peer_lost(e):
+                e = self._lose_rank(e)
             error = f"{type(e).__name__}: {e}"
             if type(e).__module__.split(".")[0] != "mlx_gptoss":
                 log.exception("generation failed")
@@ -223,17 +254,17 @@ class Worker:
             self.finished.wait_for(match, timeout)
             return found[0] if found else None
 
-    def close(self, timeout: float = 60.0) -> None:
-        """Stop taking jobs; across ranks, wait (up to `timeout` s) until the generation
-        thread has told the followers to stop, so that they exit cleanly with rank 0."""
+    def close(self) -> None:
         with self._lock:
             self._closed = True
             self._ready.notify_all()
         if self.engine is not None and hasattr(self.engine, "close"):
             self.engine.close()
-        if self.group is not None:
-            for thread in self._threads:
-                thread.join(timeout)
+
+
+def _unavailable(lost: DistributedError) -> APIError:
+    return APIError(503, f"the server cannot generate: {lost}", type="server_error",
+                    code="rank_lost")
 
 
 def _until(events: Iterator[Any], stop: Callable[[], bool]) -> Iterator[Any]:
