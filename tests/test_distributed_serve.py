@@ -26,7 +26,7 @@ from mlx_gptoss.server.app import running
 from mlx_gptoss.server.worker import job_message, job_options
 from mlx_gptoss.sampling import SamplingParams
 
-from test_distributed import CLI, SAFETY_TIMEOUT, make_chat4, rank_env
+from test_distributed import CLI, CLI_ENV, SAFETY_TIMEOUT, make_chat4, rank_env
 
 NAME = "gpt-oss-test"
 CHAT = dict(model=NAME, messages=[{"role": "user", "content": "Hello there"}], temperature=0,
@@ -172,3 +172,30 @@ def test_a_follower_that_loses_rank_0_exits(checkpoint, tmp_path):
     assert procs[1].returncode == 2, err[-3000:]
     assert "error: rank 1/2: lost the connection to another rank" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_serve_under_mlx_launch(checkpoint, one_process_answers, tmp_path):
+    """`mlx.launch -n 2 -- mlx-gptoss serve`: the one-process answers; a terminal's Ctrl-C (to
+    the whole process group) stops every rank without a warning from the launcher."""
+    import os
+
+    port = json.loads(local_hostfile(1, tmp_path / "port.json").read_text())[0][0].split(":")[1]
+    launcher = Path(sys.executable).with_name("mlx.launch")
+    argv = [str(launcher), "--backend", "ring", "-n", "2", "--starting-port", port, "--",
+            sys.executable, "-c", CLI, "serve", "-m", str(checkpoint), "--port", "0",
+            "--dtype", "float32", "--served-model-name", NAME]
+    launch = subprocess.Popen(argv, env=CLI_ENV, start_new_session=True,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        url = launch.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:"), launch.communicate(timeout=60)[1][-3000:]
+        got = answers(url)
+        os.killpg(launch.pid, signal.SIGINT)
+        _, err = launch.communicate(timeout=SAFETY_TIMEOUT)
+    finally:
+        if launch.poll() is None:
+            os.killpg(launch.pid, signal.SIGKILL)
+    assert got == {k: v for k, v in one_process_answers.items() if k != "constrained"}
+    assert "Node with rank" not in err, err[-3000:]  # mlx.launch's note of a failed rank

@@ -72,6 +72,9 @@ def serve(
     net, tokenizer = load(model, dtype, adapter=adapter, parallel=parallel,
                           pipeline_memory=pipeline_memory, tools=[f"--{t}" for t in tools])
     if ranks > 1 and net.shard.group.rank() != 0:
+        # Led by rank 0: a terminal's Ctrl-C (sent to every rank mlx.launch started) stops
+        # rank 0, which then tells this rank to stop.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         follow(net, tokenizer)  # no server here: rank 0's generation calls, until it stops
         return
     if ranks > 1:
