@@ -112,7 +112,8 @@ def stop_and_collect(procs: list) -> list[tuple[int, str]]:
     return [(p.wait(SAFETY_TIMEOUT), p.communicate()[1]) for p in procs]
 
 
-@pytest.mark.parametrize("parallel", ["expert", pytest.param("pipeline", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["expert", "pipeline"])
 def test_two_ranks_serve_as_one_process(parallel, checkpoint, one_process_answers, tmp_path):
     with two_rank_server(checkpoint, tmp_path, "--parallel", parallel) as (url, procs):
         first = answers(url, constrained=parallel == "expert")
@@ -199,3 +200,55 @@ def test_serve_under_mlx_launch(checkpoint, one_process_answers, tmp_path):
             os.killpg(launch.pid, signal.SIGKILL)
     assert got == {k: v for k, v in one_process_answers.items() if k != "constrained"}
     assert "Node with rank" not in err, err[-3000:]  # mlx.launch's note of a failed rank
+
+
+def test_lockstep_ends_where_rank_0_says(chat_model):
+    """On one process (the collectives are identities): the events of `stream_generate`, cut
+    where `stop()` says, and a failed constraint raised once the ranks have stopped."""
+    import mlx.core as mx
+
+    from mlx_gptoss.cache import PromptCache
+    from mlx_gptoss.generate import GenerationResult, stream_generate
+    from mlx_gptoss.server.worker import lockstep_generation
+
+    model, tok = chat_model
+    group = mx.distributed.init()
+    options = {"max_tokens": 6, "sampling": SamplingParams(temperature=0)}
+
+    def run(stop=lambda: False, **extra):
+        return list(lockstep_generation(model, tok, PromptCache.for_model(model), group, "Hi",
+                                        {**options, **extra}, stop=stop))
+
+    def tokens(events):
+        return next(e for e in events if isinstance(e, GenerationResult)).tokens
+
+    alone = list(stream_generate(model, tok, "Hi", **options))
+    assert tokens(run()) == tokens(alone) and len(tokens(alone)) == 6
+    asked = iter(range(100))
+    cut = run(stop=lambda: next(asked) >= 3)  # asked before each event: stop at the 4th
+    assert len(alone) > 4 and cut == alone[:3]  # the 4th event was not let through
+
+    def broken(generated, logits):
+        if generated:
+            raise ValueError("the constraint broke")
+        return logits
+
+    with pytest.raises(ValueError, match="the constraint broke"):
+        run(logits_processors=[broken])
+
+
+def test_a_taken_port_is_one_line_at_once():
+    """Rank 0 serves from a thread, where uvicorn would only log a failed bind: checked first."""
+    import socket
+
+    from mlx_gptoss.cli.serve import _check_address
+    from mlx_gptoss.errors import GptOssError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(GptOssError, match=f"cannot serve on 127.0.0.1:{port}: Address "
+                                              "already in use"):
+            _check_address("127.0.0.1", port)
+    _check_address("127.0.0.1", 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -115,15 +116,27 @@ def serve_across_ranks(app, host: str, port: int) -> None:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stop)
+    _check_address(host, port)  # uvicorn on a thread would only log it, then time out
     with contextlib.ExitStack() as stack:
         try:
             url = stack.enter_context(running(app, host, port))
-        except RuntimeError as e:  # uvicorn could not bind (its log says why)
+        except RuntimeError as e:  # uvicorn could not start (its log says why)
             raise GptOssError(f"cannot serve on {host}:{port}: {e}") from None
         print(url, flush=True)
         worker.run()
     if worker.lost is not None:
         raise worker.lost
+
+
+def _check_address(host: str, port: int) -> None:
+    """One clear line now if `host:port` cannot be bound (taken, not this machine's)."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            probe.bind((host, port))
+    except OSError as e:
+        raise GptOssError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
 
 
 def register(app: typer.Typer) -> None:
