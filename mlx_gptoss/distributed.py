@@ -222,9 +222,11 @@ def parse_memory(memory: str | Sequence[float] | None) -> list[float] | None:
 
 
 def measured_memory(group: mx.distributed.Group) -> list[float]:
-    """Every rank's memory in GB, gathered from all of them: the GPU's (`mx.device_info()`,
-    unified memory on a Mac), or the machine's RAM on a backend that reports none (CPU)."""
-    size = mx.device_info().get("memory_size")
+    """Every rank's memory in GB, gathered from all of them: the GPU's (`mx.device_info()`:
+    a Mac's unified memory, a CUDA device's), or the machine's RAM where the backend reports
+    none (CPU)."""
+    info = mx.device_info()
+    size = info.get("memory_size") or info.get("total_memory")  # Metal, CUDA
     if not size:
         size = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     mine = mx.array([size / 2**30], dtype=mx.float32)
