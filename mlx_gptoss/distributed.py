@@ -427,7 +427,7 @@ def rank_zero_output(group: mx.distributed.Group | None = None) -> Iterator[None
     load line); a lost peer is one `DistributedError` line. Errors are raised after the
     streams are restored, so each rank reports its own."""
     group = group if group is not None else init_group()
-    rank, size = group.rank(), group.size()
+    rank = group.rank()
     saved = sys.stdout, sys.stderr
     _rank_stderr.append(sys.stderr)
     if rank != 0:

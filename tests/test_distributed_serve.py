@@ -21,10 +21,10 @@ import openai
 import pytest
 
 from mlx_gptoss.distributed import local_hostfile
+from mlx_gptoss.sampling import SamplingParams
 from mlx_gptoss.server import create_app
 from mlx_gptoss.server.app import running
 from mlx_gptoss.server.worker import job_message, job_options
-from mlx_gptoss.sampling import SamplingParams
 
 from test_distributed import CLI, CLI_ENV, SAFETY_TIMEOUT, make_chat4, rank_env
 
