@@ -47,10 +47,15 @@ def answers(url: str, constrained: bool = False) -> dict:
     api = client(url)
     chat = api.chat.completions.create(**CHAT)
     response = api.responses.create(**RESPONSE)
+    # The next turn prefills only what is new: every rank rewinds its prompt cache alike.
+    turn = api.responses.create(**dict(RESPONSE, input="And then?"),
+                                previous_response_id=response.id)
     out = {"chat": [chat.choices[0].message.model_dump(), chat.choices[0].finish_reason,
                     chat.usage.completion_tokens],
            "response": [response.output_text, response.status, response.usage.output_tokens,
-                        [item.type for item in response.output]]}
+                        [item.type for item in response.output]],
+           "turn": [turn.output_text, turn.usage.input_tokens, turn.usage.output_tokens,
+                    turn.usage.input_tokens_details.cached_tokens]}
     if constrained:
         answer = api.responses.create(**CONSTRAINED)
         out["constrained"] = [answer.output_text, answer.status]
@@ -126,6 +131,7 @@ def test_two_ranks_serve_as_one_process(parallel, checkpoint, one_process_answer
     assert first == expected
     assert second == {k: v for k, v in expected.items() if k != "constrained"}
     assert first["chat"][2] == 12 and first["response"][2] == 10  # real generations
+    assert 0 < first["turn"][3] < first["turn"][1]  # the continuation reused the cache
     (code0, err0), (code1, err1) = status
     assert "serving across 2 ranks: one request decodes at a time" in err0
     assert code1 == 0, err1[-3000:]  # released by rank 0's stop, not by a lost connection
