@@ -177,6 +177,62 @@ def split_evenly(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if r < total % parts else 0) for r in range(parts)]
 
 
+def split_by_memory(total: int, memory: Sequence[float], minimum: int = 1) -> list[int]:
+    """`total` layers over ranks in proportion to their `memory` (any unit: only the ratios
+    count), each rank at least `minimum` (given first to the ranks whose share falls short,
+    the rest shared among the others); the largest remainders take the leftover layers, the
+    lower rank first on a tie, so equal memories give `split_evenly`'s counts."""
+    counts = [0] * len(memory)
+    free = list(range(len(memory)))
+    remaining = total
+    minimum = min(minimum, total // len(memory))
+    while True:
+        weight = sum(memory[r] for r in free)
+        shares = {r: remaining * memory[r] / weight for r in free}
+        short = [r for r in free if shares[r] < minimum]
+        if not short:
+            break
+        for r in short:
+            counts[r] = minimum
+            remaining -= minimum
+            free.remove(r)
+    for r in free:
+        counts[r] = int(shares[r])
+    leftover = remaining - sum(counts[r] for r in free)
+    for r in sorted(free, key=lambda r: (counts[r] - shares[r], r))[:leftover]:
+        counts[r] += 1
+    return counts
+
+
+def parse_memory(memory: str | Sequence[float] | None) -> list[float] | None:
+    """`--pipeline-memory`: per-rank sizes, "64,32" (GB) or fractions "0.67,0.33"."""
+    if memory is None or isinstance(memory, (list, tuple)):
+        values = memory
+    else:
+        try:
+            values = [float(v) for v in str(memory).split(",")]
+        except ValueError:
+            values = None
+    if values is not None and not all(v > 0 and v != float("inf") for v in values):
+        values = None
+    if values is None and memory is not None:
+        raise DistributedError(f"--pipeline-memory must be positive numbers per rank, e.g. "
+                               f"64,32 (GB) or 0.67,0.33, got {memory!r}")
+    return None if values is None else [float(v) for v in values]
+
+
+def measured_memory(group: mx.distributed.Group) -> list[float]:
+    """Every rank's memory in GB, gathered from all of them: the GPU's (`mx.device_info()`:
+    a Mac's unified memory, a CUDA device's), or the machine's RAM where the backend reports
+    none (CPU)."""
+    info = mx.device_info()
+    size = info.get("memory_size") or info.get("total_memory")  # Metal, CUDA
+    if not size:
+        size = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    mine = mx.array([size / 2**30], dtype=mx.float32)
+    return [float(v) for v in mx.distributed.all_gather(mine, group=group).tolist()]
+
+
 def parse_parallel(parallel: str) -> tuple[str, list[int] | None]:
     """`"auto"`, `"expert"`, `"pipeline"`, or a strategy with counts per rank (`"pipeline:10,14"`)."""
     strategy, _, counts = str(parallel).partition(":")
@@ -241,9 +297,12 @@ class Shard:
                 f"({replicated} replicated)")
 
 
-def plan(cfg: ModelConfig, group: mx.distributed.Group, parallel: str = "auto") -> Shard:
+def plan(cfg: ModelConfig, group: mx.distributed.Group, parallel: str = "auto",
+         memory: Sequence[float] | None = None) -> Shard:
     """This rank's `Shard`. `auto` is expert parallel (one all_sum per layer, the expert
-    bytes divided among the ranks) unless there are more ranks than experts."""
+    bytes divided among the ranks) unless there are more ranks than experts. `memory`: each
+    rank's memory (given or measured), by which pipeline layers are split when no counts are
+    given (None: evenly); every stage keeps both attention kinds."""
     strategy, counts = parse_parallel(parallel)
     size = group.size()
     experts, layers = cfg.num_local_experts, cfg.num_hidden_layers
@@ -255,7 +314,13 @@ def plan(cfg: ModelConfig, group: mx.distributed.Group, parallel: str = "auto") 
         if size > total:
             raise DistributedError(f"{strategy} parallel over {size} ranks needs at least "
                                    f"{size} {what}; the model has {total}")
-        counts = split_evenly(total, size)
+        if strategy == "pipeline" and memory is not None:
+            if len(memory) != size:
+                raise DistributedError(f"--pipeline-memory: need one value per rank ({size}), "
+                                       f"got {len(memory)}")
+            counts = split_by_memory(total, memory, minimum=len(set(cfg.sliding_layers)))
+        else:
+            counts = split_evenly(total, size)
     if len(counts) != size or sum(counts) != total or min(counts) < 1:
         raise DistributedError(f"--parallel {parallel}: need {size} counts of at least 1 "
                                f"summing to the model's {total} {what}, got {counts}")
@@ -288,20 +353,27 @@ def _check_stages(cfg: ModelConfig, parts: list[range]) -> None:
 
 def load(model: str | os.PathLike, dtype: str | mx.Dtype | None = None, *,
          group: mx.distributed.Group | None = None, parallel: str = "auto",
+         pipeline_memory: str | Sequence[float] | None = None,
          adapter: str | os.PathLike | None = None, tools: Sequence[str] = (),
          log: Callable[[str], None] | None = None) -> tuple[Model, Any]:
     """`(model, tokenizer)` with this rank's share of the model (the whole one on one rank).
 
     `model` is a directory or hub repo id (see `hub.load`); `group` defaults to the global
     group (`mx.distributed.init()`); `parallel` is `auto`, `expert`, `pipeline`, optionally with
-    counts per rank (`pipeline:10,14`). Each rank logs its load line (stderr by default).
+    counts per rank (`pipeline:10,14`). Without counts, pipeline layers follow each rank's
+    memory: `pipeline_memory` ("64,32" GB, fractions, or a list), else each rank's measured
+    memory (`measured_memory`). Each rank logs its load line (stderr by default).
     `adapter`: a LoRA adapter directory (see `hub.load`), on one process only for now; so are
     the built-in `tools` the caller names (e.g. `("--python",)`): they are refused on more ranks.
     """
     from .hub import load as hub_load, resolve_model
 
     group = group if group is not None else init_group()
-    parse_parallel(parallel)  # a bad value is an error on one process too
+    strategy, counts = parse_parallel(parallel)  # a bad value is an error on one process too
+    given_memory = parse_memory(pipeline_memory)
+    if given_memory is not None and (strategy != "pipeline" or counts is not None):
+        raise DistributedError("--pipeline-memory applies to --parallel pipeline without "
+                               "counts (counts per rank already fix the split)")
     if group.size() > 1 and tools:
         # Each rank would run the tool itself and could read a different result: the ranks'
         # prompts, and so their collectives, would part.
@@ -317,7 +389,8 @@ def load(model: str | os.PathLike, dtype: str | mx.Dtype | None = None, *,
     path = resolve_model(model) if group.rank() == 0 else None
     broadcast(mx.array(0, dtype=mx.int32), group).item()
     path = path or resolve_model(model, progress=False)
-    shard = plan(load_config(Path(path)), group, parallel)
+    memory = given_memory if given_memory is not None else measured_memory(group)
+    shard = plan(load_config(Path(path)), group, parallel, memory)
     net, tokenizer = hub_load(path, dtype, shard=shard)
     synchronize_seed(group)  # also waits for every rank to finish loading
     net.shard = shard
@@ -328,9 +401,16 @@ def load(model: str | os.PathLike, dtype: str | mx.Dtype | None = None, *,
 # --------------------------------------------------------------------------- output, errors
 
 
-def _peer_lost(error: BaseException) -> bool:
+def peer_lost(error: BaseException) -> bool:
+    """Whether `error` is MLX's report of a rank that went away (its collectives fail)."""
     return isinstance(error, RuntimeError) and str(error).startswith(("[ring]", "[jaccl]",
                                                                       "[mpi]", "[nccl]"))
+
+
+def lost_peer_error(group: mx.distributed.Group, error: BaseException) -> DistributedError:
+    """The one line a rank reports when `error` (see `peer_lost`) ended its collectives."""
+    return DistributedError(f"rank {group.rank()}/{group.size()}: lost the connection to "
+                            f"another rank (did it stop or crash?): {error}")
 
 
 # Where each rank's own lines (its load line) go while `rank_zero_output` silences it.
@@ -347,7 +427,7 @@ def rank_zero_output(group: mx.distributed.Group | None = None) -> Iterator[None
     load line); a lost peer is one `DistributedError` line. Errors are raised after the
     streams are restored, so each rank reports its own."""
     group = group if group is not None else init_group()
-    rank, size = group.rank(), group.size()
+    rank = group.rank()
     saved = sys.stdout, sys.stderr
     _rank_stderr.append(sys.stderr)
     if rank != 0:
@@ -355,10 +435,9 @@ def rank_zero_output(group: mx.distributed.Group | None = None) -> Iterator[None
     try:
         yield
     except RuntimeError as e:
-        if not _peer_lost(e):
+        if not peer_lost(e):
             raise
-        raise DistributedError(f"rank {rank}/{size}: lost the connection to another rank "
-                               f"(did it stop or crash?): {e}") from None
+        raise lost_peer_error(group, e) from None
     finally:
         _rank_stderr.pop()
         if rank != 0:

@@ -1,6 +1,7 @@
 """One rank of the distributed tests (run by tests/test_distributed.py, one process per rank).
 
-`python tests/distributed_rank.py MODEL PARALLEL OUT.json` loads this rank's share, then
+`python tests/distributed_rank.py MODEL PARALLEL OUT.json [MEMORY]` loads this rank's share
+(MEMORY: `--pipeline-memory`), then
 writes: the float32 logits of a prompt (full sequence), greedy and seeded tokens over two
 generations that share a prompt prefix (the second reuses the prompt cache), its resident
 expert bytes and its load line. `single` as PARALLEL runs the same on one process.
@@ -43,7 +44,7 @@ def generations(model, params: SamplingParams) -> dict:
     return {"tokens": [first, second], "cached": stats.cached_tokens}
 
 
-def main(model_dir: str, parallel: str, out: str) -> None:
+def main(model_dir: str, parallel: str, out: str, memory: str | None = None) -> None:
     lines: list[str] = []
     if parallel == "single":
         model, _ = load_model(model_dir, "float32")
@@ -51,7 +52,7 @@ def main(model_dir: str, parallel: str, out: str) -> None:
         rank = 0
     else:
         model, tokenizer = distributed.load(model_dir, "float32", parallel=parallel,
-                                            log=lines.append)
+                                            pipeline_memory=memory, log=lines.append)
         rank = mx.distributed.init().rank()
     gc.collect()
     resident = mx.get_active_memory()  # every buffer this rank holds, views' owners included
@@ -87,4 +88,4 @@ def _parameters(model):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

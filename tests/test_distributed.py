@@ -34,14 +34,18 @@ DIST_CONFIG = dict(num_local_experts=7, num_experts_per_tok=4, num_hidden_layers
                    intermediate_size=256)
 
 
-@pytest.fixture(scope="module")
-def chat4_checkpoint(checkpoint_factory) -> Path:
+def make_chat4(checkpoint_factory) -> Path:
     """`chat_checkpoint` with 4 layers: two pipeline stages of one sliding + one full layer."""
     from mlx_gptoss.harmony import copy_vocabulary
 
     path = checkpoint_factory("distributed_chat4", seed=5, vocab_size=201088, num_hidden_layers=4)
     copy_vocabulary(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def chat4_checkpoint(checkpoint_factory) -> Path:
+    return make_chat4(checkpoint_factory)
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +73,13 @@ def finish(procs: list[subprocess.Popen], timeout: float = SAFETY_TIMEOUT) -> li
     return results
 
 
-def run_worker(n: int, parallel: str, model: Path, tmp_path: Path) -> list[dict]:
+def run_worker(n: int, parallel: str, model: Path, tmp_path: Path,
+               memory: str | None = None) -> list[dict]:
     out = tmp_path / f"{parallel}-{n}"
     hostfile = local_hostfile(n, tmp_path / f"hosts{n}.json")
     procs = [subprocess.Popen([sys.executable, str(RANK_SCRIPT), str(model), parallel,
-                               f"{out}-{r}.json"], env=rank_env(r, hostfile),
+                               f"{out}-{r}.json", *([memory] if memory else [])],
+                              env=rank_env(r, hostfile),
                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for r in range(n)]
     for r, (code, _, err) in enumerate(finish(procs)):
@@ -97,13 +103,16 @@ LOAD_LINE = re.compile(r"^rank (\d+)/(\d+): (experts|layers) (\d+)-(\d+) of (\d+
                        r"parameter bytes \((\d+) replicated\)$")
 
 
-@pytest.mark.parametrize("parallel,n", [
-    ("expert", 2), ("pipeline", 3),
-    pytest.param("expert", 3, marks=pytest.mark.slow),
-    pytest.param("pipeline:4,2", 2, marks=pytest.mark.slow)])
-def test_ranks_match_one_process(parallel, n, dist_checkpoint, single, tmp_path):
-    ranks = run_worker(n, parallel, dist_checkpoint, tmp_path)
+@pytest.mark.parametrize("parallel,n,memory", [
+    ("expert", 2, None), ("pipeline", 3, None),
+    pytest.param("expert", 3, None, marks=pytest.mark.slow),
+    pytest.param("pipeline:4,2", 2, None, marks=pytest.mark.slow),
+    # Layers by the ranks' memory as given (GB): 32 and 64 -> 2 and 4 of the 6.
+    pytest.param("pipeline", 2, "32,64", marks=pytest.mark.slow)])
+def test_ranks_match_one_process(parallel, n, memory, dist_checkpoint, single, tmp_path):
+    ranks = run_worker(n, parallel, dist_checkpoint, tmp_path, memory)
     strategy, counts = parse_parallel(parallel)
+    counts = counts or ([2, 4] if memory else None)
     assert [r["rank"] for r in ranks] == list(range(n))
     # Logits: float32, within 1e-4 of one process on rank 0, bitwise equal on every rank.
     assert np.abs(ranks[0]["logits"] - single["logits"]).max() <= 1e-4
@@ -193,6 +202,42 @@ def test_plan_splits_and_refuses_what_it_cannot_use():
     for bad in ("tensor", "auto:1,2", "expert:a,b"):
         with pytest.raises(DistributedError):
             parse_parallel(bad)
+
+
+def test_pipeline_layers_follow_memory():
+    """Layers in proportion to each rank's memory, every stage keeping both attention kinds."""
+    from mlx_gptoss.distributed import measured_memory, parse_memory, split_by_memory
+
+    assert split_by_memory(36, [64, 32], minimum=2) == [24, 12]  # 120b on a 64 + a 32 GB Mac
+    assert split_by_memory(36, [128, 64, 64], minimum=2) == [18, 9, 9]
+    assert split_by_memory(24, [0.67, 0.33]) == [16, 8]  # fractions: only the ratios count
+    assert split_by_memory(7, [10, 10, 10]) == split_evenly(7, 3) == [3, 2, 2]
+    assert split_by_memory(10, [3, 1, 1]) == [6, 2, 2]  # 6, 2, 2 exactly
+    assert split_by_memory(11, [5, 3, 2]) == [6, 3, 2]  # remainders .5, .3, .2: rank 0 first
+    assert split_by_memory(6, [100, 1], minimum=2) == [4, 2]  # the small rank still gets 2
+    assert split_by_memory(8, [100, 1, 1], minimum=2) == [4, 2, 2]
+    cfg = config()  # 6 layers, sliding and full alternating
+    assert [plan(cfg, FakeGroup(r, 2), "pipeline", [32, 64]).part for r in range(2)] == \
+        [range(0, 2), range(2, 6)]
+    assert [plan(cfg, FakeGroup(r, 2), "pipeline", [1000, 1]).part for r in range(2)] == \
+        [range(0, 4), range(4, 6)]
+    assert plan(cfg, FakeGroup(1, 2), "expert", [1000, 1]).part == range(4, 7)  # experts: even
+    with pytest.raises(DistributedError, match=r"need one value per rank \(2\), got 3"):
+        plan(cfg, FakeGroup(0, 2), "pipeline", [1, 2, 3])
+    assert parse_memory("64,32") == [64.0, 32.0] and parse_memory(None) is None
+    for bad in ("64,-1", "a,b", "0,1", "", "inf,1"):
+        with pytest.raises(DistributedError, match="--pipeline-memory must be positive"):
+            parse_memory(bad)
+    for parallel in ("expert", "auto", "pipeline:4,2"):
+        with pytest.raises(DistributedError, match="--pipeline-memory applies to --parallel "
+                                                   "pipeline without counts"):
+            from mlx_gptoss import distributed
+
+            distributed.load("never-read", parallel=parallel, pipeline_memory="1,2")
+    import mlx.core as mx
+
+    (mine,) = measured_memory(mx.distributed.init())  # one process: its own, in GB
+    assert 0.1 < mine < 2**20
 
 
 def test_pipeline_names_are_local():

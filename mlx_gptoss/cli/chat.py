@@ -36,6 +36,7 @@ from .generate import (
     MAX_TOOL_ROUNDS,
     MIN_P,
     PARALLEL,
+    PIPELINE_MEMORY,
     PYTHON,
     PYTHON_AUTO,
     PYTHON_UNSAFE,
@@ -298,6 +299,7 @@ def chat(
     dtype: Optional[str] = DTYPE,
     adapter: Optional[Path] = ADAPTER,
     parallel: str = PARALLEL,
+    pipeline_memory: Optional[str] = PIPELINE_MEMORY,
     kv_bits: Optional[int] = KV_BITS,
     load_file: Optional[Path] = typer.Option(None, "--load", help="Start from a saved chat."),
     stats: Optional[bool] = STATS,
@@ -313,7 +315,8 @@ def chat(
                         browser=browser, browser_search=browser_search,
                         browser_allow_private=browser_allow_private,
                         max_reasoning_tokens=max_reasoning_tokens, adapter=adapter,
-                        parallel=parallel, kv_bits=kv_bits)
+                        parallel=parallel, pipeline_memory=pipeline_memory,
+                        kv_bits=kv_bits)
     if load_file is not None:
         session.load(load_file)
     display = Display(session.tokenizer, show_reasoning=show_reasoning, verbose=verbose,

@@ -41,7 +41,8 @@ def load_chat(model: str, dtype: Optional[str], *, effort: str, system: Optional
               python_unsafe: bool = False, confirm_code=None, browser: bool = False,
               browser_search: Optional[str] = None, browser_allow_private: bool = False,
               max_reasoning_tokens: Optional[int] = None, adapter: Optional[Path] = None,
-              parallel: str = "auto", kv_bits: Optional[int] = None):
+              parallel: str = "auto", pipeline_memory: Optional[str] = None,
+              kv_bits: Optional[int] = None):
     """Everything both commands need: loaded model, tools, sampling, a `Chat`.
 
     Every option is checked, and every file read, before the model loads (which can take
@@ -72,7 +73,8 @@ def load_chat(model: str, dtype: Optional[str], *, effort: str, system: Optional
     python_tool, browser_tool = (builtins[name]() if name in builtins else None
                                  for name in ("python", "browser"))
     used = [flag for flag, on in (("--python", python), ("--browser", browser)) if on]
-    net, tokenizer = load(model, dtype, adapter=adapter, parallel=parallel, tools=used)
+    net, tokenizer = load(model, dtype, adapter=adapter, parallel=parallel,
+                          pipeline_memory=pipeline_memory, tools=used)
     context = getattr(net.config, "max_position_embeddings", None)
     if context is not None and max_tokens > context:
         raise GptOssError(f"--max-tokens {max_tokens} is more than the model's context length "
@@ -177,6 +179,9 @@ ADAPTER = typer.Option(None, "--adapter", "--adapter-path",
 PARALLEL = typer.Option("auto", "--parallel", help=(
     "Under mlx.launch: expert, pipeline or auto (expert unless there are more ranks than "
     "experts); counts per rank may follow, e.g. pipeline:10,14. See docs/distributed.md."))
+PIPELINE_MEMORY = typer.Option(None, "--pipeline-memory", metavar="<GB,GB,...>", help=(
+    "With --parallel pipeline: split the layers in proportion to these per-rank memories "
+    "(GB, or fractions: 64,32 or 0.67,0.33); default: each rank's measured memory."))
 DTYPE = typer.Option(None, "--dtype",
                      help="Compute dtype (bfloat16, float32...). Default: float32 activations "
                           "on the CPU backend, bfloat16 on a GPU.")
@@ -424,6 +429,7 @@ def generate(
     dtype: Optional[str] = DTYPE,
     adapter: Optional[Path] = ADAPTER,
     parallel: str = PARALLEL,
+    pipeline_memory: Optional[str] = PIPELINE_MEMORY,
     kv_bits: Optional[int] = KV_BITS,
     as_json: bool = typer.Option(False, "--json", help="One JSON event per line on stdout."),
     stats: Optional[bool] = STATS,
@@ -459,7 +465,8 @@ def generate(
                          max_reasoning_tokens=max_reasoning_tokens, adapter=adapter,
                          temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                          seed=seed, max_tokens=max_tokens, max_tool_rounds=max_tool_rounds,
-                         json_schema=json_schema, parallel=parallel, kv_bits=kv_bits)
+                         json_schema=json_schema, parallel=parallel,
+                         pipeline_memory=pipeline_memory, kv_bits=kv_bits)
         display = Display(chat.tokenizer, show_reasoning=show_reasoning, as_json=as_json,
                           verbose=verbose, stats=stats, hold_answer=json_schema is not None)
         if history is not None:

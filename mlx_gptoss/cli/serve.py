@@ -1,19 +1,28 @@
-"""`mlx-gptoss serve`: the OpenAI-compatible server (Responses and Chat Completions)."""
+"""`mlx-gptoss serve`: the OpenAI-compatible server (Responses and Chat Completions).
+
+Under `mlx.launch` rank 0 serves and the other ranks follow (`server.worker.follow`)."""
 from __future__ import annotations
 
+import contextlib
+import signal
+import socket
 import sys
+import threading
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from ..distributed import rank_zero_command
 from ..errors import GptOssError
 from .generate import (ADAPTER, BROWSER, BROWSER_ALLOW_PRIVATE, BROWSER_SEARCH, DTYPE, KV_BITS,
-                       PYTHON, PYTHON_UNSAFE, builtin_tools, model_option)
+                       PARALLEL, PIPELINE_MEMORY, PYTHON, PYTHON_UNSAFE, builtin_tools,
+                       model_option)
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")  # as server.app.LOOPBACK_HOSTS (not imported: slow)
 
 
+@rank_zero_command
 def serve(
     model: str = model_option(),
     host: str = typer.Option("127.0.0.1", "--host",
@@ -39,20 +48,39 @@ def serve(
     dtype: Optional[str] = DTYPE,
     adapter: Optional[Path] = ADAPTER,
     kv_bits: Optional[int] = KV_BITS,
+    parallel: str = PARALLEL,
+    pipeline_memory: Optional[str] = PIPELINE_MEMORY,
 ) -> None:
     """Serve a model over OpenAI's Responses and Chat Completions APIs."""
+    from ..distributed import init_group, load
     from ..engine import Engine
-    from ..hub import load
     from ..server import create_app
     from ..server import serve as run
+    from ..server.worker import follow
 
+    ranks = init_group().size()
+    if ranks > 1:
+        if kv_bits is not None:
+            raise GptOssError("--kv-bits needs the batched engine, which does not run across "
+                              "ranks yet")
+        max_concurrency = 1
     if kv_bits is not None and max_concurrency < 2:
         raise GptOssError("--kv-bits needs the batched engine (--max-concurrency 2 or more)")
     # Code runs without asking (the opt-in is --python), a fresh session per response.
     tools = builtin_tools(python=python, python_unsafe=python_unsafe, confirm_code=None,
                           browser=browser, browser_search=browser_search,
                           browser_allow_private=browser_allow_private)
-    net, tokenizer = load(model, dtype, adapter=adapter)
+    net, tokenizer = load(model, dtype, adapter=adapter, parallel=parallel,
+                          pipeline_memory=pipeline_memory, tools=[f"--{t}" for t in tools])
+    if ranks > 1 and net.shard.group.rank() != 0:
+        # Led by rank 0: a terminal's Ctrl-C (sent to every rank mlx.launch started) stops
+        # rank 0, which then tells this rank to stop.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        follow(net, tokenizer)  # no server here: rank 0's generation calls, until it stops
+        return
+    if ranks > 1:
+        print(f"serving across {ranks} ranks: one request decodes at a time (the others "
+              "wait in the queue)", file=sys.stderr, flush=True)
     # Several rows: the batched engine; one: the pipelined single-sequence loop (lower latency).
     engine = (Engine(net, tokenizer, max_batch=max_concurrency, kv_bits=kv_bits)
               if max_concurrency > 1 else None)
@@ -66,9 +94,48 @@ def serve(
     if host not in LOOPBACK and api_key is None:
         print(f"warning: serving on {host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
+    if ranks > 1:
+        serve_across_ranks(app, host, port)
+        return
     try:
         run(app, host, port, on_ready=lambda url: print(url, flush=True))
     except OSError as e:  # the port is taken, the address does not exist, ...
+        raise GptOssError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
+
+
+def serve_across_ranks(app, host: str, port: int) -> None:
+    """Rank 0: HTTP from a background thread, the generations on this (main) thread, where
+    MLX reports a lost rank. Ctrl-C or SIGTERM stops the running generation within a token,
+    tells the other ranks to stop, then stops the server; a lost rank ends with its line."""
+    from ..server.app import running
+
+    worker = app.state.server.worker
+
+    def stop(signum, frame) -> None:  # a thread: the handler may interrupt one holding a lock
+        threading.Thread(target=worker.shutdown, daemon=True).start()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
+    _check_address(host, port)  # uvicorn on a thread would only log it, then time out
+    with contextlib.ExitStack() as stack:
+        try:
+            url = stack.enter_context(running(app, host, port))
+        except RuntimeError as e:  # uvicorn could not start (its log says why)
+            raise GptOssError(f"cannot serve on {host}:{port}: {e}") from None
+        print(url, flush=True)
+        worker.run()
+    if worker.lost is not None:
+        raise worker.lost
+
+
+def _check_address(host: str, port: int) -> None:
+    """One clear line now if `host:port` cannot be bound (taken, not this machine's)."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            probe.bind((host, port))
+    except OSError as e:
         raise GptOssError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
 
 
