@@ -485,15 +485,19 @@ def _overhead_sample(name: str, path: str, dtype: str | None, prompt_tokens: int
     runner.load(Path(path))
     vocab = runner.model.model.embed_tokens.weight.shape[0]
     tokens = prompt(prompt_tokens, vocab, seed)
-    times = []
+    times, cpu_times = [], []
     for rep in range(repeats + 1):  # the first run warms up (traces, allocations)
         cache = runner.make_cache()
         logits = runner.prefill(tokens, cache)
+        cpu_start = time.process_time()
         per_token = decode(runner, cache, logits, decode_tokens)
         if rep:
             times.append(per_token)
+            # CPU seconds of all the process's threads: on a shared machine, less sensitive
+            # to other jobs than the wall clock (it excludes the time spent waiting for a core).
+            cpu_times.append((time.process_time() - cpu_start) / (decode_tokens + 1))
     return {"decode_s": statistics.median(times), "runs_s": times,
-            "dtypes": dtype_summary(runner.model)}
+            "cpu_s": statistics.median(cpu_times), "dtypes": dtype_summary(runner.model)}
 
 
 def _overhead_in_fresh_process(**kwargs: Any) -> dict[str, Any]:
@@ -531,10 +535,12 @@ def run_overhead(settings: OverheadSettings, log: Callable[[str], None] = print
                     repeats=settings.repeats, seed=settings.seed)
                 samples.setdefault(label, []).append(sample)
                 log(f"  L{depth} {label:>24} process {p}: "
-                    f"{1000 * sample['decode_s']:.2f} ms/token")
+                    f"{1000 * sample['decode_s']:.2f} ms/token "
+                    f"({1000 * sample['cpu_s']:.2f} ms CPU)")
         results["depths"][str(depth)] = {
             label: {"decode_ms": 1000 * statistics.median(s["decode_s"] for s in ss),
                     "process_ms": [1000 * s["decode_s"] for s in ss],
+                    "cpu_ms": 1000 * statistics.median(s["cpu_s"] for s in ss),
                     "dtypes": ss[0]["dtypes"]}
             for label, ss in samples.items()}
     return results
@@ -549,22 +555,23 @@ def format_overhead_table(results: dict[str, Any]) -> str:
     depths = results["depths"]
     labels = list(next(iter(depths.values())))
     ours = [label for label in labels if label != MLX_LM]
-    head = ["layers", *(f"{label} ms/token" for label in labels)]
+    head = ["layers", "clock", *(f"{label} ms/token" for label in labels)]
     if MLX_LM in labels:
         head += [f"{label} / mlx-lm" for label in ours]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for depth, row in depths.items():
-        cells = [depth, *(f"{row[label]['decode_ms']:.2f}" for label in labels)]
-        if MLX_LM in labels:
-            cells += [f"{row[label]['decode_ms'] / row[MLX_LM]['decode_ms']:.2f}"
-                      for label in ours]
-        lines.append("| " + " | ".join(cells) + " |")
+        for clock, key in (("wall", "decode_ms"), ("CPU", "cpu_ms")):
+            cells = [depth, clock, *(f"{row[label][key]:.2f}" for label in labels)]
+            if MLX_LM in labels:
+                cells += [f"{row[label][key] / row[MLX_LM][key]:.2f}" for label in ours]
+            lines.append("| " + " | ".join(cells) + " |")
     s = results["settings"]
     lines.append("")
     lines.append(f"tiny widths (hidden {OVERHEAD_WIDTHS['hidden_size']}, vocab "
                  f"{OVERHEAD_WIDTHS['vocab_size']}), {s['prompt_tokens']}-token prompt, "
                  f"{s['decode_tokens']} pipelined greedy tokens, median of {s['repeats']} "
-                 f"runs per process and of {s['processes']} fresh processes; "
+                 f"runs per process and of {s['processes']} fresh processes (CPU: the "
+                 f"process's CPU seconds per token, all threads); "
                  f"device {results['machine']['device']}, mlx {results['machine']['mlx']}")
     return "\n".join(lines)
 

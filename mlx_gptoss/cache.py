@@ -37,21 +37,52 @@ class KVCache:
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         new = keys.shape[2]
         end = self.offset + new
-        if self.keys is None or end > self.keys.shape[2]:
-            grow = ((new + self.step - 1) // self.step) * self.step
-            b, h, _, d = keys.shape
-
-            def extend(old: mx.array | None, like: mx.array) -> mx.array:
-                fresh = mx.zeros((b, h, grow, like.shape[-1]), dtype=like.dtype)
-                if old is None:
-                    return fresh
-                return mx.concatenate([old[..., : self.offset, :], fresh], axis=2)
-
-            self.keys, self.values = extend(self.keys, keys), extend(self.values, values)
+        self._reserve(end, keys, values)
         self.keys[..., self.offset:end, :] = keys
         self.values[..., self.offset:end, :] = values
         self.offset = end
         return self.keys[..., :end, :], self.values[..., :end, :]
+
+    def _reserve(self, end: int, keys: mx.array, values: mx.array) -> None:
+        """Room for positions up to `end`, grown in whole steps (shaped like `keys`/`values`)."""
+        if self.keys is not None and end <= self.keys.shape[2]:
+            return
+        grow = ((end - self.offset + self.step - 1) // self.step) * self.step
+        b, h, _, _ = keys.shape
+
+        def extend(old: mx.array | None, like: mx.array) -> mx.array:
+            fresh = mx.zeros((b, h, grow, like.shape[-1]), dtype=like.dtype)
+            if old is None:
+                return fresh
+            return mx.concatenate([old[..., : self.offset, :], fresh], axis=2)
+
+        self.keys, self.values = extend(self.keys, keys), extend(self.values, values)
+
+    # The compiled one-token step (`model.Model.run_layers`) works on fixed-shape buffers:
+    # `step_state` hands them out (with room for one more position), `step_write` is the
+    # traced write-and-fetch, `step_commit` takes the written buffers back.
+
+    def fixed_step_ready(self) -> bool:
+        return self.keys is not None
+
+    def step_state(self) -> tuple[mx.array, mx.array, mx.array]:
+        """(keys buffer, values buffer, the write position as an array)."""
+        self._reserve(self.offset + 1, self.keys, self.values)
+        return self.keys, self.values, mx.array([self.offset], dtype=mx.int32)
+
+    @staticmethod
+    def step_write(keys: mx.array, values: mx.array, position: mx.array, k: mx.array,
+                   v: mx.array):
+        """Write one position at `position` in place; attend over the whole buffer, the
+        positions after it masked out. Returns (keys, values, mask, new buffers)."""
+        keys = mx.slice_update(keys, k, position, axes=(2,))
+        values = mx.slice_update(values, v, position, axes=(2,))
+        mask = (mx.arange(keys.shape[2]) <= position).reshape(1, 1, 1, -1)
+        return keys, values, mask, (keys, values)
+
+    def step_commit(self, keys: mx.array, values: mx.array) -> None:
+        self.keys, self.values = keys, values
+        self.offset += 1
 
     @property
     def length(self) -> int:
@@ -136,6 +167,10 @@ class QuantizedKVCache(KVCache):
         self.bits = bits
         self.group_size = group_size
 
+    def fixed_step_ready(self) -> bool:
+        """Its attention multiplies packed keys: the compiled step's dense path does not apply."""
+        return False
+
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         new = keys.shape[2]
         end = self.offset + new
@@ -206,6 +241,29 @@ class SlidingWindowCache:
     def length(self) -> int:
         """How many earlier positions are kept (all visible to the next query or slack)."""
         return 0 if self.keys is None else self.keys.shape[2]
+
+    def fixed_step_ready(self) -> bool:
+        """Only once full: then every step has the same shapes (`capacity` keys in, the oldest
+        out), so the compiled step traces once; until then the plain path runs."""
+        return self.keys is not None and self.capacity > 0 and self.length == self.capacity
+
+    def step_state(self) -> tuple[mx.array, mx.array, mx.array]:
+        """(keys, values, the first position the next query sees: the slack's are older)."""
+        return self.keys, self.values, mx.array([self.slack], dtype=mx.int32)
+
+    @staticmethod
+    def step_write(keys: mx.array, values: mx.array, first_visible: mx.array, k: mx.array,
+                   v: mx.array):
+        """The held keys then the new one, those before `first_visible` masked out (the
+        query sees the last `window`); the oldest position leaves the buffers."""
+        keys = mx.concatenate([keys, k], axis=2)
+        values = mx.concatenate([values, v], axis=2)
+        mask = (mx.arange(keys.shape[2]) >= first_visible).reshape(1, 1, 1, -1)
+        return keys, values, mask, (keys[..., 1:, :], values[..., 1:, :])
+
+    def step_commit(self, keys: mx.array, values: mx.array) -> None:
+        self.keys, self.values = keys, values
+        self.offset += 1
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         self.offset += keys.shape[2]

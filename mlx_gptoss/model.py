@@ -102,14 +102,17 @@ class Attention(nn.Module):
         history = cache.length if cache is not None else 0
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        sinks = self.sinks.astype(q.dtype)
         if isinstance(cache, QuantizedKVCache):
-            return quantized_attention(q, k, v, self.scale, mask, sinks, cache.group_size,
-                                       cache.bits)
+            return quantized_attention(q, k, v, self.scale, mask, self.sinks.astype(q.dtype),
+                                       cache.group_size, cache.bits)
         if self.window is not None and q.shape[2] > self.window:
-            return self._windowed(q, k, v, offset, history, sinks)
+            return self._windowed(q, k, v, offset, history)
+        return self.weighted_values(q, k, v, mask)
+
+    def weighted_values(self, q: mx.array, k: mx.array, v: mx.array, mask) -> mx.array:
+        """Softmax attention of q over k/v, each head's sink logit in the denominator."""
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask,
-                                                    sinks=sinks)
+                                                    sinks=self.sinks.astype(q.dtype))
 
     def output(self, attended: mx.array) -> mx.array:
         b, _, t, _ = attended.shape
@@ -119,8 +122,8 @@ class Attention(nn.Module):
         offset = cache.offset if cache is not None else 0
         return self.output(self.attend(*self.project(x, offset), mask, cache))
 
-    def _windowed(self, q: mx.array, k: mx.array, v: mx.array, offset: int, history: int,
-                  sinks: mx.array) -> mx.array:
+    def _windowed(self, q: mx.array, k: mx.array, v: mx.array, offset: int, history: int
+                  ) -> mx.array:
         """Sliding attention over many queries, in blocks of `window` queries.
 
         One masked call would score every query of the chunk against every key, most of them
@@ -133,9 +136,8 @@ class Attention(nn.Module):
             mask = attention_mask(stop - start, offset + start, history + start - first_key,
                                   self.window)
             keys = slice(first_key, history + stop)
-            outs.append(mx.fast.scaled_dot_product_attention(
-                q[:, :, start:stop], k[:, :, keys], v[:, :, keys], scale=self.scale,
-                mask=mask, sinks=sinks))
+            outs.append(self.weighted_values(q[:, :, start:stop], k[:, :, keys],
+                                             v[:, :, keys], mask))
         return mx.concatenate(outs, axis=2)
 
 
@@ -283,6 +285,14 @@ class TransformerBlock(nn.Module):
                     for b, cache in enumerate(caches)]
         return self._compiled_outputs(x, mx.concatenate(attended, axis=0))
 
+    def fixed_step(self, x: mx.array, offset: mx.array, state: tuple, write: Callable
+                   ) -> tuple[mx.array, tuple]:
+        """One token through this block on its cache's fixed-shape buffers, traced inside
+        `Model`'s compiled step: `write(*state, k, v)` is the cache kind's `step_write`."""
+        q, k, v = self._attention_inputs(x, offset)
+        keys, values, mask, new_state = write(*state, k, v)
+        return self._outputs(x, self.self_attn.weighted_values(q, keys, values, mask)), new_state
+
     def __call__(self, x: mx.array, mask, cache, last_only: bool = False) -> mx.array:
         offset = cache.offset if cache is not None else 0
         if x.shape[1] == 1:
@@ -344,6 +354,9 @@ class Model(nn.Module):
         # Set by the loader when the vocabulary matrices are stored in another dtype than the
         # rest (see `loading.load_model`): activations are cast to it after the embedding.
         self.activation_dtype: mx.Dtype | None = None
+        # The compiled one-token steps, one per sequence of cache kinds (see `run_layers`);
+        # kept out of the module's parameter tree.
+        object.__setattr__(self, "_fixed_steps", {})
 
     @property
     def layers(self) -> list[TransformerBlock]:
@@ -403,6 +416,9 @@ class Model(nn.Module):
                    wrap_layer: Callable | None = None) -> mx.array:
         """The blocks over activations `x [B, T, H]` (a pipeline stage overrides this)."""
         t = x.shape[1]
+        if t == 1 and wrap_layer is None and cache is not None and all(
+                getattr(c, "fixed_step_ready", lambda: False)() for c in cache):
+            return self._compiled_step(x, cache)
         caches = cache if cache is not None else [None] * len(self.layers)
         masks: dict[bool, object] = {}
         last = len(self.layers) - 1
@@ -415,6 +431,33 @@ class Model(nn.Module):
             run = layer if wrap_layer is None else wrap_layer(layer)
             x = run(x, masks[layer.sliding], layer_cache, last_only and i == last)
         return x
+
+    def _compiled_step(self, x: mx.array, caches: Sequence[Any]) -> mx.array:
+        """One token through every block as one compiled graph, the cache writes inside.
+
+        Each cache hands out fixed-shape buffers (a full layer's grow 256 positions at a time,
+        a full sliding window's never change), so the graph is traced once per growth step and
+        replayed per token: no Python per layer but handing buffers in and out, and MLX fuses
+        across the layers' boundaries. The math is the blocks' own (`fixed_step`)."""
+        kinds = tuple(type(c) for c in caches)
+        step = self._fixed_steps.get(kinds)
+        if step is None:
+            step = mx.compile(partial(self._fixed_layers, [k.step_write for k in kinds]),
+                              inputs=self)
+            self._fixed_steps[kinds] = step
+        states = [c.step_state() for c in caches]
+        x, *buffers = step(x, mx.array(caches[0].offset), *(a for s in states for a in s))
+        for c, keys, values in zip(caches, buffers[0::2], buffers[1::2]):
+            c.step_commit(keys, values)
+        return x
+
+    def _fixed_layers(self, writes: list[Callable], x: mx.array, offset: mx.array,
+                      *states: mx.array) -> list[mx.array]:
+        out: list[mx.array] = []
+        for i, (layer, write) in enumerate(zip(self.layers, writes)):
+            x, buffers = layer.fixed_step(x, offset, states[3 * i:3 * i + 3], write)
+            out.extend(buffers)
+        return [x, *out]
 
     def step_rows(self, tokens: mx.array, caches: Sequence[Sequence[Any]]) -> mx.array:
         """The next-token logits `[B, vocab]` of `B` sequences, each one token `tokens[b]` on

@@ -155,5 +155,6 @@ def test_overhead_mode_measures_every_variant_in_fresh_processes(tmp_path):
     assert all(v["decode_ms"] > 0 and len(v["process_ms"]) == 1 for v in row.values())
     assert "bfloat16" in row[f"{OURS} [bfloat16]"]["dtypes"]
     table = format_overhead_table(results)
-    assert table.splitlines()[2].startswith("| 2 |")
+    assert table.splitlines()[2].startswith("| 2 | wall |")
+    assert all(v["cpu_ms"] > 0 for v in row.values())
     json.dumps(results)
