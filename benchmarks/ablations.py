@@ -27,10 +27,11 @@ from mlx_gptoss.model import Attention, TransformerBlock, attention_mask  # noqa
 from mlx_gptoss.synthetic import TINY  # noqa: E402
 
 
-def _plain_windowed(self, q, k, v, offset, history):
+def _plain_windowed(self, q, k, v, offset, history, sinks):
     """One masked call over the whole chunk (the code before window blocks)."""
-    return self.weighted_values(q, k, v, attention_mask(q.shape[2], offset, history,
-                                                        self.window))
+    mask = attention_mask(q.shape[2], offset, history, self.window)
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask,
+                                                sinks=sinks)
 
 
 def _block_uncompiled(self, x, mask, cache, last_only=False):

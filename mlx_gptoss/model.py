@@ -106,7 +106,7 @@ class Attention(nn.Module):
             return quantized_attention(q, k, v, self.scale, mask, self.sinks.astype(q.dtype),
                                        cache.group_size, cache.bits)
         if self.window is not None and q.shape[2] > self.window:
-            return self._windowed(q, k, v, offset, history)
+            return self._windowed(q, k, v, offset, history, self.sinks.astype(q.dtype))
         return self.weighted_values(q, k, v, mask)
 
     def weighted_values(self, q: mx.array, k: mx.array, v: mx.array, mask) -> mx.array:
@@ -122,8 +122,8 @@ class Attention(nn.Module):
         offset = cache.offset if cache is not None else 0
         return self.output(self.attend(*self.project(x, offset), mask, cache))
 
-    def _windowed(self, q: mx.array, k: mx.array, v: mx.array, offset: int, history: int
-                  ) -> mx.array:
+    def _windowed(self, q: mx.array, k: mx.array, v: mx.array, offset: int, history: int,
+                  sinks: mx.array) -> mx.array:
         """Sliding attention over many queries, in blocks of `window` queries.
 
         One masked call would score every query of the chunk against every key, most of them
@@ -136,8 +136,9 @@ class Attention(nn.Module):
             mask = attention_mask(stop - start, offset + start, history + start - first_key,
                                   self.window)
             keys = slice(first_key, history + stop)
-            outs.append(self.weighted_values(q[:, :, start:stop], k[:, :, keys],
-                                             v[:, :, keys], mask))
+            outs.append(mx.fast.scaled_dot_product_attention(
+                q[:, :, start:stop], k[:, :, keys], v[:, :, keys], scale=self.scale,
+                mask=mask, sinks=sinks))
         return mx.concatenate(outs, axis=2)
 
 
