@@ -60,7 +60,8 @@ class KVCache:
 
     # The compiled one-token step (`model.Model.run_layers`) works on fixed-shape buffers:
     # `step_state` hands them out (with room for one more position), `step_write` is the
-    # traced write-and-fetch, `step_commit` takes the written buffers back.
+    # traced write-and-fetch, `step_mask` which of the fetched keys the query sees (the same
+    # for every layer of a kind: built once per step), `step_commit` takes the buffers back.
 
     def fixed_step_ready(self) -> bool:
         return self.keys is not None
@@ -73,12 +74,16 @@ class KVCache:
     @staticmethod
     def step_write(keys: mx.array, values: mx.array, position: mx.array, k: mx.array,
                    v: mx.array):
-        """Write one position at `position` in place; attend over the whole buffer, the
-        positions after it masked out. Returns (keys, values, mask, new buffers)."""
+        """Write one position at `position` in place; the query attends over the whole
+        buffer (see `step_mask`). Returns (keys, values, new buffers)."""
         keys = mx.slice_update(keys, k, position, axes=(2,))
         values = mx.slice_update(values, v, position, axes=(2,))
-        mask = (mx.arange(keys.shape[2]) <= position).reshape(1, 1, 1, -1)
-        return keys, values, mask, (keys, values)
+        return keys, values, (keys, values)
+
+    @staticmethod
+    def step_mask(length: int, position: mx.array) -> mx.array:
+        """The positions after the one just written are not the sequence's."""
+        return (mx.arange(length) <= position).reshape(1, 1, 1, -1)
 
     def step_commit(self, keys: mx.array, values: mx.array) -> None:
         self.keys, self.values = keys, values
@@ -254,12 +259,15 @@ class SlidingWindowCache:
     @staticmethod
     def step_write(keys: mx.array, values: mx.array, first_visible: mx.array, k: mx.array,
                    v: mx.array):
-        """The held keys then the new one, those before `first_visible` masked out (the
-        query sees the last `window`); the oldest position leaves the buffers."""
+        """The held keys then the new one; the oldest position leaves the buffers."""
         keys = mx.concatenate([keys, k], axis=2)
         values = mx.concatenate([values, v], axis=2)
-        mask = (mx.arange(keys.shape[2]) >= first_visible).reshape(1, 1, 1, -1)
-        return keys, values, mask, (keys[..., 1:, :], values[..., 1:, :])
+        return keys, values, (keys[..., 1:, :], values[..., 1:, :])
+
+    @staticmethod
+    def step_mask(length: int, first_visible: mx.array) -> mx.array:
+        """The query sees the last `window` keys: the slack's older ones are masked out."""
+        return (mx.arange(length) >= first_visible).reshape(1, 1, 1, -1)
 
     def step_commit(self, keys: mx.array, values: mx.array) -> None:
         self.keys, self.values = keys, values
