@@ -299,18 +299,26 @@ class TransformerBlock(nn.Module):
                     for b, cache in enumerate(caches)]
         return self._compiled_outputs(x, mx.concatenate(attended, axis=0))
 
-    def fixed_step(self, x: mx.array, offset: mx.array, state: tuple, kind: type,
-                   masks: dict) -> tuple[mx.array, tuple]:
-        """One token through this block on its cache's fixed-shape buffers, traced inside
-        `Model`'s compiled step: `kind` is the cache's class (its `step_write`/`step_mask`),
-        `masks` those built so far in this step, shared by the layers of a kind."""
-        q, k, v = self._attention_inputs(x, offset)
-        keys, values, new_state = kind.step_write(*state, k, v)
-        mask_key = (kind, keys.shape[2])
-        if mask_key not in masks:
-            masks[mask_key] = kind.step_mask(keys.shape[2], state[2])
-        attended = self.self_attn.weighted_values(q, keys, values, masks[mask_key])
-        return self._outputs(x, attended), new_state
+    def fixed_step(self, x: mx.array, offsets: mx.array, rows: list[tuple[type, tuple, dict]]
+                   ) -> tuple[mx.array, list[tuple]]:
+        """One token for each of `B` rows through this block, on their caches' fixed-shape
+        buffers, traced inside `Model`'s compiled step. Row b is `(kind, state, masks)`: its
+        cache's class (`step_write`/`step_mask`), its buffers, and the masks built so far in
+        this step for that row (shared by the layers of a kind). As in `step_rows`, all but
+        attention is batched, and each row attends over its own cache alone."""
+        q, k, v = self._attention_inputs(x, offsets)
+        attended, buffers = [], []
+        for b, (kind, state, masks) in enumerate(rows):
+            one = slice(b, b + 1) if len(rows) > 1 else slice(None)
+            keys, values, new_state = kind.step_write(*state, k[one], v[one])
+            mask_key = (kind, keys.shape[2])
+            if mask_key not in masks:
+                masks[mask_key] = kind.step_mask(keys.shape[2], state[2])
+            attended.append(self.self_attn.weighted_values(q[one], keys, values,
+                                                           masks[mask_key]))
+            buffers.append(new_state)
+        attended = attended[0] if len(rows) == 1 else mx.concatenate(attended, axis=0)
+        return self._outputs(x, attended), buffers
 
     def __call__(self, x: mx.array, mask, cache, last_only: bool = False) -> mx.array:
         offset = cache.offset if cache is not None else 0
@@ -435,9 +443,8 @@ class Model(nn.Module):
                    wrap_layer: Callable | None = None) -> mx.array:
         """The blocks over activations `x [B, T, H]` (a pipeline stage overrides this)."""
         t = x.shape[1]
-        if t == 1 and wrap_layer is None and cache is not None and all(
-                getattr(c, "fixed_step_ready", lambda: False)() for c in cache):
-            return self._compiled_step(x, cache)
+        if t == 1 and wrap_layer is None and cache is not None and self._fixed_step_ready(cache):
+            return self._compiled_step(x, [cache], mx.array(cache[0].offset))
         caches = cache if cache is not None else [None] * len(self.layers)
         masks: dict[bool, object] = {}
         last = len(self.layers) - 1
@@ -451,39 +458,54 @@ class Model(nn.Module):
             x = run(x, masks[layer.sliding], layer_cache, last_only and i == last)
         return x
 
-    def _compiled_step(self, x: mx.array, caches: Sequence[Any]) -> mx.array:
-        """One token through every block as one compiled graph, the cache writes inside.
+    def _compiled_step(self, x: mx.array, caches: Sequence[Sequence[Any]],
+                       offsets: mx.array) -> mx.array:
+        """One token for each row `b` (its layer caches `caches[b]`) through every block as
+        one compiled graph, the cache writes inside.
 
         Each cache hands out fixed-shape buffers (a full layer's grow 256 positions at a time,
-        a full sliding window's never change), so the graph is traced once per growth step and
-        replayed per token: no Python per layer but handing buffers in and out, and MLX fuses
-        across the layers' boundaries. The math is the blocks' own (`fixed_step`)."""
-        kinds = tuple(type(c) for c in caches)
+        a full sliding window's never change), so the graph is traced once per growth step
+        (or change of the batch's rows) and replayed per token: no Python per layer or row but
+        handing buffers in and out, and MLX fuses across the layers' boundaries. The math is
+        the blocks' own (`fixed_step`)."""
+        kinds = tuple(tuple(type(c) for c in row) for row in caches)
         step = self._fixed_steps.get(kinds)
         if step is None:
             step = mx.compile(partial(self._fixed_layers, kinds), inputs=self)
             self._fixed_steps[kinds] = step
-        states = [c.step_state() for c in caches]
-        x, *buffers = step(x, mx.array(caches[0].offset), *(a for s in states for a in s))
-        for c, keys, values in zip(caches, buffers[0::2], buffers[1::2]):
+        flat = [c for row in caches for c in row]
+        x, *buffers = step(x, offsets, *(a for c in flat for a in c.step_state()))
+        for c, keys, values in zip(flat, buffers[0::2], buffers[1::2]):
             c.step_commit(keys, values)
         return x
 
-    def _fixed_layers(self, kinds: tuple[type, ...], x: mx.array, offset: mx.array,
-                      *states: mx.array) -> list[mx.array]:
-        out: list[mx.array] = []
-        masks: dict = {}
-        for i, (layer, kind) in enumerate(zip(self.layers, kinds)):
-            x, buffers = layer.fixed_step(x, offset, states[3 * i:3 * i + 3], kind, masks)
-            out.extend(buffers)
-        return [x, *out]
+    def _fixed_layers(self, kinds: tuple[tuple[type, ...], ...], x: mx.array,
+                      offsets: mx.array, *states: mx.array) -> list[mx.array]:
+        n = len(self.layers)
+        masks: list[dict] = [{} for _ in kinds]
+        out: list[list] = [[None] * n for _ in kinds]
+        for i, layer in enumerate(self.layers):
+            rows = [(row_kinds[i], states[3 * (b * n + i):3 * (b * n + i) + 3], masks[b])
+                    for b, row_kinds in enumerate(kinds)]
+            x, buffers = layer.fixed_step(x, offsets, rows)
+            for b, pair in enumerate(buffers):
+                out[b][i] = pair
+        return [x, *(a for row in out for pair in row for a in pair)]
+
+    @staticmethod
+    def _fixed_step_ready(caches: Sequence[Any]) -> bool:
+        return all(getattr(c, "fixed_step_ready", lambda: False)() for c in caches)
 
     def step_rows(self, tokens: mx.array, caches: Sequence[Sequence[Any]]) -> mx.array:
         """The next-token logits `[B, vocab]` of `B` sequences, each one token `tokens[b]` on
-        top of its own layer caches `caches[b]` (see `TransformerBlock.step_rows`)."""
+        top of its own layer caches `caches[b]`: the compiled step when every cache has
+        fixed-shape buffers, else `TransformerBlock.step_rows` layer by layer."""
         for rows in caches:
             self.check_positions(rows[0].offset, 1)
         x = self.embed(tokens.reshape(-1, 1))
+        if all(self._fixed_step_ready(rows) for rows in caches):
+            offsets = mx.array([rows[0].offset for rows in caches])
+            return self.head(self.model.norm(self._compiled_step(x, caches, offsets)))[:, -1, :]
         window = self.config.sliding_window
         masks = {sliding: [attention_mask(1, rows[i].offset, rows[i].length,
                                           window if sliding else None) for rows in caches]
