@@ -81,9 +81,10 @@ class KVCache:
         return keys, values, (keys, values)
 
     @staticmethod
-    def step_mask(length: int, position: mx.array) -> mx.array:
-        """The positions after the one just written are not the sequence's."""
-        return (mx.arange(length) <= position).reshape(1, 1, 1, -1)
+    def step_mask(length: int, state: tuple) -> mx.array:
+        """The positions after the one just written (`state`'s position) are not the
+        sequence's."""
+        return (mx.arange(length) <= state[2]).reshape(1, 1, 1, -1)
 
     def step_commit(self, keys: mx.array, values: mx.array) -> None:
         self.keys, self.values = keys, values
@@ -248,30 +249,28 @@ class SlidingWindowCache:
         return 0 if self.keys is None else self.keys.shape[2]
 
     def fixed_step_ready(self) -> bool:
-        """Only once full: then every step has the same shapes (`capacity` keys in, the oldest
-        out), so the compiled step traces once; until then the plain path runs."""
-        return self.keys is not None and self.capacity > 0 and self.length == self.capacity
+        """Once `window - 1` keys are held: then the next query sees exactly them and its
+        own, the same shapes every token, so the compiled step traces once; before, the
+        plain path runs."""
+        return self.keys is not None and self.window > 1 and self.length >= self.window - 1
 
-    def step_state(self) -> tuple[mx.array, mx.array, mx.array]:
-        """(keys, values, the first position the next query sees: the slack's are older)."""
-        return self.keys, self.values, mx.array([self.slack], dtype=mx.int32)
-
-    @staticmethod
-    def step_write(keys: mx.array, values: mx.array, first_visible: mx.array, k: mx.array,
-                   v: mx.array):
-        """The held keys then the new one; the oldest position leaves the buffers."""
-        keys = mx.concatenate([keys, k], axis=2)
-        values = mx.concatenate([values, v], axis=2)
-        return keys, values, (keys[..., 1:, :], values[..., 1:, :])
+    def step_state(self) -> tuple[mx.array, mx.array]:
+        """The `window - 1` latest keys and values (the slack's older ones stay out)."""
+        seen = self.length - (self.window - 1)
+        return self.keys[..., seen:, :], self.values[..., seen:, :]
 
     @staticmethod
-    def step_mask(length: int, first_visible: mx.array) -> mx.array:
-        """The query sees the last `window` keys: the slack's older ones are masked out."""
-        return (mx.arange(length) >= first_visible).reshape(1, 1, 1, -1)
+    def step_write(keys: mx.array, values: mx.array, k: mx.array, v: mx.array):
+        """The window: the held keys then the new one. The new key and value go back to
+        `step_commit`, which stores them as `update_and_fetch` would."""
+        return mx.concatenate([keys, k], axis=2), mx.concatenate([values, v], axis=2), (k, v)
+
+    @staticmethod
+    def step_mask(length: int, state: tuple) -> None:
+        return None  # every key of the window is visible
 
     def step_commit(self, keys: mx.array, values: mx.array) -> None:
-        self.keys, self.values = keys, values
-        self.offset += 1
+        self.update_and_fetch(keys, values)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         self.offset += keys.shape[2]

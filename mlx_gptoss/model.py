@@ -313,7 +313,7 @@ class TransformerBlock(nn.Module):
             keys, values, new_state = kind.step_write(*state, k[one], v[one])
             mask_key = (kind, keys.shape[2])
             if mask_key not in masks:
-                masks[mask_key] = kind.step_mask(keys.shape[2], state[2])
+                masks[mask_key] = kind.step_mask(keys.shape[2], state)
             attended.append(self.self_attn.weighted_values(q[one], keys, values,
                                                            masks[mask_key]))
             buffers.append(new_state)
@@ -464,7 +464,7 @@ class Model(nn.Module):
         one compiled graph, the cache writes inside.
 
         Each cache hands out fixed-shape buffers (a full layer's grow 256 positions at a time,
-        a full sliding window's never change), so the graph is traced once per growth step
+        a sliding layer's window never changes), so the graph is traced once per growth step
         (or change of the batch's rows) and replayed per token: no Python per layer or row but
         handing buffers in and out, and MLX fuses across the layers' boundaries. The math is
         the blocks' own (`fixed_step`)."""
@@ -474,23 +474,25 @@ class Model(nn.Module):
             step = mx.compile(partial(self._fixed_layers, kinds), inputs=self)
             self._fixed_steps[kinds] = step
         flat = [c for row in caches for c in row]
-        x, *buffers = step(x, offsets, *(a for c in flat for a in c.step_state()))
-        for c, keys, values in zip(flat, buffers[0::2], buffers[1::2]):
+        x, buffers = step(x, offsets, [c.step_state() for c in flat])
+        for c, (keys, values) in zip(flat, buffers):
             c.step_commit(keys, values)
         return x
 
     def _fixed_layers(self, kinds: tuple[tuple[type, ...], ...], x: mx.array,
-                      offsets: mx.array, *states: mx.array) -> list[mx.array]:
+                      offsets: mx.array, states: list[tuple]) -> tuple[mx.array, list]:
+        """`states[b * layers + i]`: row b's layer-i cache buffers; returns the new ones in
+        the same order."""
         n = len(self.layers)
         masks: list[dict] = [{} for _ in kinds]
         out: list[list] = [[None] * n for _ in kinds]
         for i, layer in enumerate(self.layers):
-            rows = [(row_kinds[i], states[3 * (b * n + i):3 * (b * n + i) + 3], masks[b])
+            rows = [(row_kinds[i], states[b * n + i], masks[b])
                     for b, row_kinds in enumerate(kinds)]
             x, buffers = layer.fixed_step(x, offsets, rows)
             for b, pair in enumerate(buffers):
                 out[b][i] = pair
-        return [x, *(a for row in out for pair in row for a in pair)]
+        return x, [pair for row in out for pair in row]
 
     @staticmethod
     def _fixed_step_ready(caches: Sequence[Any]) -> bool:

@@ -67,7 +67,7 @@ def test_compiled_step_equals_the_plain_path_while_the_full_buffer_grows(model, 
 
 
 def test_sliding_slack_is_masked_out_of_the_compiled_step(model, plain_only):
-    """With slack the buffer holds keys older than the window: the query must not see them."""
+    """With slack the cache holds keys older than the window: the query must not see them."""
     compiled, plain = compiled_then_plain(model, plain_only, 20, 6, slack=3)
     for a, b in zip(compiled, plain):
         np.testing.assert_allclose(a, b, atol=1e-5)
