@@ -381,8 +381,8 @@ class Model(nn.Module):
         # Set by the loader when the vocabulary matrices are stored in another dtype than the
         # rest (see `loading.load_model`): activations are cast to it after the embedding.
         self.activation_dtype: mx.Dtype | None = None
-        # The compiled one-token steps, one per sequence of cache kinds (see `run_layers`);
-        # kept out of the module's parameter tree.
+        # The compiled one-token steps, by cache kinds and buffer shapes (see
+        # `_compiled_step`); kept out of the module's parameter tree.
         object.__setattr__(self, "_fixed_steps", {})
 
     @property
@@ -469,12 +469,18 @@ class Model(nn.Module):
         handing buffers in and out, and MLX fuses across the layers' boundaries. The math is
         the blocks' own (`fixed_step`)."""
         kinds = tuple(tuple(type(c) for c in row) for row in caches)
-        step = self._fixed_steps.get(kinds)
+        flat = [c for row in caches for c in row]
+        states = [c.step_state() for c in flat]
+        # One compiled function per cache kinds and buffer shapes, so that dropping the
+        # oldest bounds the traces kept (rows of an engine grow their buffers independently).
+        key = (kinds, tuple(s[0].shape for s in states))
+        step = self._fixed_steps.pop(key, None)
         if step is None:
             step = mx.compile(partial(self._fixed_layers, kinds), inputs=self)
-            self._fixed_steps[kinds] = step
-        flat = [c for row in caches for c in row]
-        x, buffers = step(x, offsets, [c.step_state() for c in flat])
+            while len(self._fixed_steps) >= MAX_COMPILED_STEPS:
+                self._fixed_steps.pop(next(iter(self._fixed_steps)))
+        self._fixed_steps[key] = step  # most recently used last
+        x, buffers = step(x, offsets, states)
         for c, (keys, values) in zip(flat, buffers):
             c.step_commit(keys, values)
         return x
@@ -537,6 +543,9 @@ class Model(nn.Module):
             return project(x.astype(head.weight.dtype)).astype(x.dtype)
         return project(x)
 
+
+# Compiled one-token steps kept per model (each one set of cache kinds and buffer shapes).
+MAX_COMPILED_STEPS = 32
 
 # Prompt tokens per prefill step: large enough that each expert sees many rows per pass over
 # its weights, small enough to bound the full layers' attention scores (benchmarks/README.md).

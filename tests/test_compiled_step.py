@@ -60,7 +60,7 @@ def test_compiled_step_equals_the_plain_path_while_the_full_buffer_grows(model, 
     model._fixed_steps.clear()
     # 250 prompt positions + 12 steps cross the full layers' first 256-position buffer.
     compiled, plain = compiled_then_plain(model, plain_only, 250, 12)
-    assert len(model._fixed_steps) == 1  # the compiled step ran (one trace per cache kinds)
+    assert len(model._fixed_steps) == 2  # the compiled step ran, retraced once as it grew
     for a, b in zip(compiled, plain):
         np.testing.assert_allclose(a, b, atol=1e-5)
     assert [int(a.argmax()) for a in compiled] == [int(b.argmax()) for b in plain]
@@ -116,7 +116,7 @@ def test_compiled_step_reads_the_current_weights(checkpoint_factory, plain_only)
     before = step()
     m.layers[1].mlp.experts.down.bias = m.layers[1].mlp.experts.down.bias + 1.0
     after = step()
-    assert len(m._fixed_steps) == 1
+    assert len(m._fixed_steps) == 1  # the same trace, reading the new bias
     plain_only()
     plain = step()
     assert not np.allclose(before, after)
@@ -141,8 +141,20 @@ def test_batched_rows_equal_the_plain_batched_step(model, plain_only):
 
     model._fixed_steps.clear()
     compiled = run()
-    assert any(len(kinds) == 3 for kinds in model._fixed_steps)  # the batched trace ran
+    assert any(len(kinds) == 3 for kinds, _ in model._fixed_steps)  # the batched trace ran
     plain_only()
     plain = run()
     for a, b in zip(compiled, plain):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_the_compiled_steps_kept_are_bounded(model, monkeypatch):
+    import mlx_gptoss.model as model_module
+
+    monkeypatch.setattr(model_module, "MAX_COMPILED_STEPS", 2)
+    model._fixed_steps.clear()
+    for n in (20, 300, 600):  # three buffer sizes of the full layer: three traces
+        caches = model.make_cache()
+        prefill(model, prompt(n), caches)
+        model(mx.array([[1]]), cache=caches)
+    assert len(model._fixed_steps) == 2
