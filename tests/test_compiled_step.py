@@ -18,7 +18,7 @@ from mlx_gptoss.model import prefill
 
 
 @pytest.fixture(scope="module")
-def model(checkpoint_factory):
+def compiled_model(checkpoint_factory):
     m, _ = load_model(checkpoint_factory("tiny"), "float32")
     return m
 
@@ -56,7 +56,8 @@ def compiled_then_plain(model, plain_only, length: int, steps: int, slack: int =
     return results
 
 
-def test_compiled_step_equals_the_plain_path_while_the_full_buffer_grows(model, plain_only):
+def test_compiled_step_equals_the_plain_path_while_the_full_buffer_grows(compiled_model, plain_only):
+    model = compiled_model
     model._fixed_steps.clear()
     # 250 prompt positions + 12 steps cross the full layers' first 256-position buffer.
     compiled, plain = compiled_then_plain(model, plain_only, 250, 12)
@@ -66,16 +67,18 @@ def test_compiled_step_equals_the_plain_path_while_the_full_buffer_grows(model, 
     assert [int(a.argmax()) for a in compiled] == [int(b.argmax()) for b in plain]
 
 
-def test_sliding_slack_is_masked_out_of_the_compiled_step(model, plain_only):
+def test_sliding_slack_is_masked_out_of_the_compiled_step(compiled_model, plain_only):
     """With slack the cache holds keys older than the window: the query must not see them."""
+    model = compiled_model
     compiled, plain = compiled_then_plain(model, plain_only, 20, 6, slack=3)
     for a, b in zip(compiled, plain):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_prompt_cache_forks_and_trims_after_compiled_steps(model, plain_only):
+def test_prompt_cache_forks_and_trims_after_compiled_steps(compiled_model, plain_only):
     """A fork continues independently of its parent, and a trim rewinds exactly, whichever
     path wrote the positions."""
+    model = compiled_model
     def run():
         cache = PromptCache(model.make_cache(sliding_slack=4))
         first = mx.argmax(prefill(model, prompt(30, seed=3), cache.layers), axis=-1)
@@ -95,7 +98,8 @@ def test_prompt_cache_forks_and_trims_after_compiled_steps(model, plain_only):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_quantized_and_unfilled_caches_take_the_plain_path(model):
+def test_quantized_and_unfilled_caches_take_the_plain_path(compiled_model):
+    model = compiled_model
     quantized = QuantizedKVCache(8, 32)
     quantized.update_and_fetch(*[mx.ones((1, 2, 4, 32))] * 2)
     assert not quantized.fixed_step_ready()  # packed keys: its own attention, not the step's
@@ -123,9 +127,10 @@ def test_compiled_step_reads_the_current_weights(checkpoint_factory, plain_only)
     np.testing.assert_allclose(after, plain, atol=1e-5)
 
 
-def test_batched_rows_equal_the_plain_batched_step(model, plain_only):
+def test_batched_rows_equal_the_plain_batched_step(compiled_model, plain_only):
     """`step_rows` over rows of different lengths (one crossing its 256-position buffer):
     the compiled step gives each row what the plain per-row attention gives."""
+    model = compiled_model
     def run() -> list[np.ndarray]:
         rows = []
         for n, seed in ((250, 1), (20, 2), (9, 3)):
@@ -148,7 +153,8 @@ def test_batched_rows_equal_the_plain_batched_step(model, plain_only):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_the_compiled_steps_kept_are_bounded(model, monkeypatch):
+def test_the_compiled_steps_kept_are_bounded(compiled_model, monkeypatch):
+    model = compiled_model
     import mlx_gptoss.model as model_module
 
     monkeypatch.setattr(model_module, "MAX_COMPILED_STEPS", 2)
