@@ -56,7 +56,8 @@ def compiled_then_plain(model, plain_only, length: int, steps: int, slack: int =
     return results
 
 
-def test_compiled_step_equals_the_plain_path_while_the_full_buffer_grows(compiled_model, plain_only):
+def test_compiled_step_equals_the_plain_path_while_the_full_buffer_grows(compiled_model,
+                                                                       plain_only):
     model = compiled_model
     model._fixed_steps.clear()
     # 250 prompt positions + 12 steps cross the full layers' first 256-position buffer.

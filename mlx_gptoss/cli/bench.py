@@ -53,8 +53,15 @@ def bench(
                                   help="--overhead: fresh processes per variant and depth."),
 ) -> None:
     """Prefill/decode speed, memory, load time and prompt-cache TTFT, side by side."""
-    from ..benchmark import (OverheadSettings, Settings, format_overhead_table, format_table,
-                             run, run_overhead, write_results)
+    from ..benchmark import (
+        OverheadSettings,
+        Settings,
+        format_overhead_table,
+        format_table,
+        run,
+        run_overhead,
+        write_results,
+    )
     from ..loading import resolve_dtype
 
     for name in (dtype, mlx_lm_dtype):  # before minutes of checkpoint writing, not after
