@@ -23,7 +23,7 @@ import mlx.core as mx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mlx_gptoss import benchmark, model as model_module  # noqa: E402
-from mlx_gptoss.model import Attention, TransformerBlock, attention_mask  # noqa: E402
+from mlx_gptoss.model import Attention, Model, TransformerBlock, attention_mask  # noqa: E402
 from mlx_gptoss.synthetic import TINY  # noqa: E402
 
 
@@ -62,10 +62,17 @@ def patched(obj, name, value):
         setattr(obj, name, old)
 
 
+@contextmanager
+def _uncompiled_step():
+    """Neither the whole-model compiled step nor the per-block compiled functions."""
+    with patched(Model, "_fixed_step_ready", staticmethod(lambda caches: False)), \
+            patched(TransformerBlock, "__call__", _block_uncompiled):
+        yield
+
+
 VARIANTS = {
     "current": nullcontext,
-    "no compiled one-token step": lambda: patched(TransformerBlock, "__call__",
-                                                  _block_uncompiled),
+    "no compiled one-token step": lambda: _uncompiled_step(),
     "no window blocks": lambda: patched(Attention, "_windowed", _plain_windowed),
     "head on every prefill row": lambda: patched(model_module, "prefill",
                                                  _prefill_with_head_everywhere),

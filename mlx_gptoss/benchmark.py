@@ -12,10 +12,13 @@ backends, and `mx.default_device()` decides.
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import platform
 import shutil
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .synthetic import REAL_WIDTHS, hf_config, write_hf_checkpoint
+from .synthetic import REAL_WIDTHS, TINY, hf_config, write_hf_checkpoint
 
 OURS, MLX_LM = "mlx-gptoss", "mlx-lm"
 
@@ -55,8 +58,11 @@ class Settings:
 def synthetic_checkpoint(settings: Settings) -> Path:
     """The cached hub-layout checkpoint for these widths and layers; written once, atomically."""
     cfg = hf_config(num_hidden_layers=settings.layers, **settings.widths)
+    # Every config value is in the name (hashed): two width sets that share the hidden size,
+    # experts and vocabulary but not the heads or window must not share a directory.
+    digest = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]
     key = f"hf-L{settings.layers}-H{cfg['hidden_size']}-E{cfg['num_local_experts']}" \
-          f"-V{cfg['vocab_size']}-s{settings.seed}"
+          f"-V{cfg['vocab_size']}-s{settings.seed}-{digest}"
     path = settings.cache_dir / key
     if (path / "config.json").exists():
         return path
@@ -446,6 +452,128 @@ def machine() -> dict[str, Any]:
     except ImportError:
         pass
     return info
+
+
+# --------------------------------------------------------------------------- overhead
+
+# Widths at which every op is tiny, so a decode step costs its per-token overhead alone
+# (graph building, dispatch along the layer chain): the regime GPU decode is in.
+OVERHEAD_WIDTHS = {k: v for k, v in TINY.items() if k != "num_hidden_layers"}
+OVERHEAD_DEPTHS = (24, 36)  # gpt-oss-20b's and 120b's layer counts
+
+
+@dataclass
+class OverheadSettings:
+    """The per-token overhead row: tiny widths, real depths, one fresh process per sample."""
+
+    depths: tuple[int, ...] = OVERHEAD_DEPTHS
+    prompt_tokens: int = 64
+    decode_tokens: int = 64
+    repeats: int = 5  # decode runs per process (median)
+    processes: int = 3  # fresh processes per implementation and depth (median of medians)
+    dtypes: tuple[str | None, ...] = (None, "bfloat16")  # ours; None = per-device default
+    compare: bool = True
+    cache_dir: Path = Path(".bench-cache")
+    seed: int = 0
+
+
+def _overhead_sample(name: str, path: str, dtype: str | None, prompt_tokens: int,
+                     decode_tokens: int, repeats: int, seed: int) -> dict[str, Any]:
+    """In this (fresh) process: load, warm up, then `repeats` pipelined greedy decodes after
+    a `prompt_tokens` prefill; the median seconds per token."""
+    runner = Ours(dtype) if name == OURS else MlxLm(dtype)
+    runner.load(Path(path))
+    vocab = runner.model.model.embed_tokens.weight.shape[0]
+    tokens = prompt(prompt_tokens, vocab, seed)
+    times, cpu_times = [], []
+    for rep in range(repeats + 1):  # the first run warms up (traces, allocations)
+        cache = runner.make_cache()
+        logits = runner.prefill(tokens, cache)
+        cpu_start = time.process_time()
+        per_token = decode(runner, cache, logits, decode_tokens)
+        if rep:
+            times.append(per_token)
+            # CPU seconds of all the process's threads: on a shared machine, less sensitive
+            # to other jobs than the wall clock (it excludes the time spent waiting for a core).
+            cpu_times.append((time.process_time() - cpu_start) / (decode_tokens + 1))
+    return {"decode_s": statistics.median(times), "runs_s": times,
+            "cpu_s": statistics.median(cpu_times), "dtypes": dtype_summary(runner.model)}
+
+
+def _overhead_in_fresh_process(**kwargs: Any) -> dict[str, Any]:
+    """`_overhead_sample` in a new interpreter: nothing traced or cached carries over."""
+    code = ("import json, sys; from mlx_gptoss.benchmark import _overhead_sample; "
+            "print(json.dumps(_overhead_sample(**json.loads(sys.argv[1]))))")
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"overhead sample failed: {done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_overhead(settings: OverheadSettings, log: Callable[[str], None] = print
+                 ) -> dict[str, Any]:
+    """Per-token decode time at tiny widths for each depth: ours (each dtype) and mlx-lm on
+    the same weights, fresh processes in alternation, medians."""
+    variants = [(OURS, d) for d in settings.dtypes] + ([(MLX_LM, None)] if settings.compare
+                                                        else [])
+    results: dict[str, Any] = {"machine": machine(), "mode": "overhead",
+                               "settings": {**asdict(settings),
+                                            "cache_dir": str(settings.cache_dir)},
+                               "widths": OVERHEAD_WIDTHS, "depths": {}}
+    for depth in settings.depths:
+        source, converted = model_dirs(Settings(layers=depth, widths=OVERHEAD_WIDTHS,
+                                                cache_dir=settings.cache_dir,
+                                                seed=settings.seed))
+        samples: dict[str, list[dict[str, Any]]] = {}
+        for p in range(settings.processes):
+            for name, dtype in (variants if p % 2 == 0 else variants[::-1]):
+                label = variant_label(name, dtype)
+                sample = _overhead_in_fresh_process(
+                    name=name, path=str(converted if name == OURS else source), dtype=dtype,
+                    prompt_tokens=settings.prompt_tokens, decode_tokens=settings.decode_tokens,
+                    repeats=settings.repeats, seed=settings.seed)
+                samples.setdefault(label, []).append(sample)
+                log(f"  L{depth} {label:>24} process {p}: "
+                    f"{1000 * sample['decode_s']:.2f} ms/token "
+                    f"({1000 * sample['cpu_s']:.2f} ms CPU)")
+        results["depths"][str(depth)] = {
+            label: {"decode_ms": 1000 * statistics.median(s["decode_s"] for s in ss),
+                    "process_ms": [1000 * s["decode_s"] for s in ss],
+                    "cpu_ms": 1000 * statistics.median(s["cpu_s"] for s in ss),
+                    "dtypes": ss[0]["dtypes"]}
+            for label, ss in samples.items()}
+    return results
+
+
+def variant_label(name: str, dtype: str | None) -> str:
+    return name if name == MLX_LM else f"{name} [{dtype or 'default'}]"
+
+
+def format_overhead_table(results: dict[str, Any]) -> str:
+    """One row per depth: ms per token of each variant, and ours over mlx-lm's."""
+    depths = results["depths"]
+    labels = list(next(iter(depths.values())))
+    ours = [label for label in labels if label != MLX_LM]
+    head = ["layers", "clock", *(f"{label} ms/token" for label in labels)]
+    if MLX_LM in labels:
+        head += [f"{label} / mlx-lm" for label in ours]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for depth, row in depths.items():
+        for clock, key in (("wall", "decode_ms"), ("CPU", "cpu_ms")):
+            cells = [depth, clock, *(f"{row[label][key]:.2f}" for label in labels)]
+            if MLX_LM in labels:
+                cells += [f"{row[label][key] / row[MLX_LM][key]:.2f}" for label in ours]
+            lines.append("| " + " | ".join(cells) + " |")
+    s = results["settings"]
+    lines.append("")
+    lines.append(f"tiny widths (hidden {OVERHEAD_WIDTHS['hidden_size']}, vocab "
+                 f"{OVERHEAD_WIDTHS['vocab_size']}), {s['prompt_tokens']}-token prompt, "
+                 f"{s['decode_tokens']} pipelined greedy tokens, median of {s['repeats']} "
+                 f"runs per process and of {s['processes']} fresh processes (CPU: the "
+                 f"process's CPU seconds per token, all threads); "
+                 f"device {results['machine']['device']}, mlx {results['machine']['mlx']}")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- reporting

@@ -37,21 +37,58 @@ class KVCache:
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         new = keys.shape[2]
         end = self.offset + new
-        if self.keys is None or end > self.keys.shape[2]:
-            grow = ((new + self.step - 1) // self.step) * self.step
-            b, h, _, d = keys.shape
-
-            def extend(old: mx.array | None, like: mx.array) -> mx.array:
-                fresh = mx.zeros((b, h, grow, like.shape[-1]), dtype=like.dtype)
-                if old is None:
-                    return fresh
-                return mx.concatenate([old[..., : self.offset, :], fresh], axis=2)
-
-            self.keys, self.values = extend(self.keys, keys), extend(self.values, values)
+        self._reserve(end, keys, values)
         self.keys[..., self.offset:end, :] = keys
         self.values[..., self.offset:end, :] = values
         self.offset = end
         return self.keys[..., :end, :], self.values[..., :end, :]
+
+    def _reserve(self, end: int, keys: mx.array, values: mx.array) -> None:
+        """Room for positions up to `end`, grown in whole steps (shaped like `keys`/`values`)."""
+        if self.keys is not None and end <= self.keys.shape[2]:
+            return
+        grow = ((end - self.offset + self.step - 1) // self.step) * self.step
+        b, h, _, _ = keys.shape
+
+        def extend(old: mx.array | None, like: mx.array) -> mx.array:
+            fresh = mx.zeros((b, h, grow, like.shape[-1]), dtype=like.dtype)
+            if old is None:
+                return fresh
+            return mx.concatenate([old[..., : self.offset, :], fresh], axis=2)
+
+        self.keys, self.values = extend(self.keys, keys), extend(self.values, values)
+
+    # The compiled one-token step (`model.Model.run_layers`) works on fixed-shape buffers:
+    # `step_state` hands them out (with room for one more position), `step_write` is the
+    # traced write-and-fetch, `step_mask` which of the fetched keys the query sees (the same
+    # for every layer of a kind: built once per step), `step_commit` takes the buffers back.
+
+    def fixed_step_ready(self) -> bool:
+        return self.keys is not None
+
+    def step_state(self) -> tuple[mx.array, mx.array, mx.array]:
+        """(keys buffer, values buffer, the write position as an array)."""
+        self._reserve(self.offset + 1, self.keys, self.values)
+        return self.keys, self.values, mx.array([self.offset], dtype=mx.int32)
+
+    @staticmethod
+    def step_write(keys: mx.array, values: mx.array, position: mx.array, k: mx.array,
+                   v: mx.array):
+        """Write one position at `position` in place; the query attends over the whole
+        buffer (see `step_mask`). Returns (keys, values, new buffers)."""
+        keys = mx.slice_update(keys, k, position, axes=(2,))
+        values = mx.slice_update(values, v, position, axes=(2,))
+        return keys, values, (keys, values)
+
+    @staticmethod
+    def step_mask(length: int, state: tuple) -> mx.array:
+        """The positions after the one just written (`state`'s position) are not the
+        sequence's."""
+        return (mx.arange(length) <= state[2]).reshape(1, 1, 1, -1)
+
+    def step_commit(self, keys: mx.array, values: mx.array) -> None:
+        self.keys, self.values = keys, values
+        self.offset += 1
 
     @property
     def length(self) -> int:
@@ -136,6 +173,10 @@ class QuantizedKVCache(KVCache):
         self.bits = bits
         self.group_size = group_size
 
+    def fixed_step_ready(self) -> bool:
+        """Its attention multiplies packed keys: the compiled step's dense path does not apply."""
+        return False
+
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         new = keys.shape[2]
         end = self.offset + new
@@ -206,6 +247,30 @@ class SlidingWindowCache:
     def length(self) -> int:
         """How many earlier positions are kept (all visible to the next query or slack)."""
         return 0 if self.keys is None else self.keys.shape[2]
+
+    def fixed_step_ready(self) -> bool:
+        """Once `window - 1` keys are held: then the next query sees exactly them and its
+        own, the same shapes every token, so the compiled step traces once; before, the
+        plain path runs."""
+        return self.keys is not None and self.window > 1 and self.length >= self.window - 1
+
+    def step_state(self) -> tuple[mx.array, mx.array]:
+        """The `window - 1` latest keys and values (the slack's older ones stay out)."""
+        seen = self.length - (self.window - 1)
+        return self.keys[..., seen:, :], self.values[..., seen:, :]
+
+    @staticmethod
+    def step_write(keys: mx.array, values: mx.array, k: mx.array, v: mx.array):
+        """The window: the held keys then the new one. The new key and value go back to
+        `step_commit`, which stores them as `update_and_fetch` would."""
+        return mx.concatenate([keys, k], axis=2), mx.concatenate([values, v], axis=2), (k, v)
+
+    @staticmethod
+    def step_mask(length: int, state: tuple) -> None:
+        return None  # every key of the window is visible
+
+    def step_commit(self, keys: mx.array, values: mx.array) -> None:
+        self.update_and_fetch(keys, values)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         self.offset += keys.shape[2]

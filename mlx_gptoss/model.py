@@ -89,12 +89,15 @@ class Attention(nn.Module):
 
     def project(self, x: mx.array, offset: int | mx.array
                 ) -> tuple[mx.array, mx.array, mx.array]:
-        """Queries, keys, values `[B, heads, T, head_dim]`, rotated for positions `offset...`."""
-        b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, self.n_heads, -1).transpose(0, 2, 1, 3)
-        k = self.k_proj(x).reshape(b, t, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(b, t, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        return self._rope(q, offset), self._rope(k, offset), v
+        """Queries, keys, values `[B, heads, T, head_dim]`, rotated for positions `offset...`.
+
+        RoPE acts on each head alone, so queries and keys are rotated in one call: one kernel
+        fewer per layer where RoPE is one kernel, a few dozen graph nodes fewer where MLX
+        expands it into primitives (its CPU backend)."""
+        qk = mx.concatenate([self.q_proj(x), self.k_proj(x)], axis=-1)
+        qk = self._rope(split_heads(qk, self.n_heads + self.n_kv_heads), offset)
+        v = split_heads(self.v_proj(x), self.n_kv_heads)
+        return qk[:, : self.n_heads], qk[:, self.n_heads:], v
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, mask, cache) -> mx.array:
         """Append k/v to the cache, then each query's weighted values `[B, heads, T, d]`."""
@@ -102,18 +105,23 @@ class Attention(nn.Module):
         history = cache.length if cache is not None else 0
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        sinks = self.sinks.astype(q.dtype)
         if isinstance(cache, QuantizedKVCache):
-            return quantized_attention(q, k, v, self.scale, mask, sinks, cache.group_size,
-                                       cache.bits)
+            return quantized_attention(q, k, v, self.scale, mask, self.sinks.astype(q.dtype),
+                                       cache.group_size, cache.bits)
         if self.window is not None and q.shape[2] > self.window:
-            return self._windowed(q, k, v, offset, history, sinks)
+            return self._windowed(q, k, v, offset, history, self.sinks.astype(q.dtype))
+        return self.weighted_values(q, k, v, mask)
+
+    def weighted_values(self, q: mx.array, k: mx.array, v: mx.array, mask) -> mx.array:
+        """Softmax attention of q over k/v, each head's sink logit in the denominator."""
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask,
-                                                    sinks=sinks)
+                                                    sinks=self.sinks.astype(q.dtype))
 
     def output(self, attended: mx.array) -> mx.array:
         b, _, t, _ = attended.shape
-        return self.o_proj(attended.transpose(0, 2, 1, 3).reshape(b, t, -1))
+        if t > 1:  # one position: `[B, heads, 1, d]` is already in `[B, 1, heads, d]` order
+            attended = attended.transpose(0, 2, 1, 3)
+        return self.o_proj(attended.reshape(b, t, -1))
 
     def __call__(self, x: mx.array, mask, cache) -> mx.array:
         offset = cache.offset if cache is not None else 0
@@ -137,6 +145,14 @@ class Attention(nn.Module):
                 q[:, :, start:stop], k[:, :, keys], v[:, :, keys], scale=self.scale,
                 mask=mask, sinks=sinks))
         return mx.concatenate(outs, axis=2)
+
+
+def split_heads(x: mx.array, heads: int) -> mx.array:
+    """`[B, T, heads * d]` -> `[B, heads, T, d]` (one reshape, no transpose, for one token)."""
+    b, t, _ = x.shape
+    if t == 1:
+        return x.reshape(b, heads, 1, -1)
+    return x.reshape(b, t, heads, -1).transpose(0, 2, 1, 3)
 
 
 def quantized_attention(q: mx.array, keys: tuple, values: tuple, scale: float, mask,
@@ -283,6 +299,27 @@ class TransformerBlock(nn.Module):
                     for b, cache in enumerate(caches)]
         return self._compiled_outputs(x, mx.concatenate(attended, axis=0))
 
+    def fixed_step(self, x: mx.array, offsets: mx.array, rows: list[tuple[type, tuple, dict]]
+                   ) -> tuple[mx.array, list[tuple]]:
+        """One token for each of `B` rows through this block, on their caches' fixed-shape
+        buffers, traced inside `Model`'s compiled step. Row b is `(kind, state, masks)`: its
+        cache's class (`step_write`/`step_mask`), its buffers, and the masks built so far in
+        this step for that row (shared by the layers of a kind). As in `step_rows`, all but
+        attention is batched, and each row attends over its own cache alone."""
+        q, k, v = self._attention_inputs(x, offsets)
+        attended, buffers = [], []
+        for b, (kind, state, masks) in enumerate(rows):
+            one = slice(b, b + 1) if len(rows) > 1 else slice(None)
+            keys, values, new_state = kind.step_write(*state, k[one], v[one])
+            mask_key = (kind, keys.shape[2])
+            if mask_key not in masks:
+                masks[mask_key] = kind.step_mask(keys.shape[2], state)
+            attended.append(self.self_attn.weighted_values(q[one], keys, values,
+                                                           masks[mask_key]))
+            buffers.append(new_state)
+        attended = attended[0] if len(rows) == 1 else mx.concatenate(attended, axis=0)
+        return self._outputs(x, attended), buffers
+
     def __call__(self, x: mx.array, mask, cache, last_only: bool = False) -> mx.array:
         offset = cache.offset if cache is not None else 0
         if x.shape[1] == 1:
@@ -344,6 +381,9 @@ class Model(nn.Module):
         # Set by the loader when the vocabulary matrices are stored in another dtype than the
         # rest (see `loading.load_model`): activations are cast to it after the embedding.
         self.activation_dtype: mx.Dtype | None = None
+        # The compiled one-token steps, by cache kinds and buffer shapes (see
+        # `_compiled_step`); kept out of the module's parameter tree.
+        object.__setattr__(self, "_fixed_steps", {})
 
     @property
     def layers(self) -> list[TransformerBlock]:
@@ -403,6 +443,8 @@ class Model(nn.Module):
                    wrap_layer: Callable | None = None) -> mx.array:
         """The blocks over activations `x [B, T, H]` (a pipeline stage overrides this)."""
         t = x.shape[1]
+        if t == 1 and wrap_layer is None and cache is not None and self._fixed_step_ready(cache):
+            return self._compiled_step(x, [cache], mx.array(cache[0].offset))
         caches = cache if cache is not None else [None] * len(self.layers)
         masks: dict[bool, object] = {}
         last = len(self.layers) - 1
@@ -416,12 +458,62 @@ class Model(nn.Module):
             x = run(x, masks[layer.sliding], layer_cache, last_only and i == last)
         return x
 
+    def _compiled_step(self, x: mx.array, caches: Sequence[Sequence[Any]],
+                       offsets: mx.array) -> mx.array:
+        """One token for each row `b` (its layer caches `caches[b]`) through every block as
+        one compiled graph, the cache writes inside.
+
+        Each cache hands out fixed-shape buffers (a full layer's grow 256 positions at a time,
+        a sliding layer's window never changes), so the graph is traced once per growth step
+        (or change of the batch's rows) and replayed per token: no Python per layer or row but
+        handing buffers in and out, and MLX fuses across the layers' boundaries. The math is
+        the blocks' own (`fixed_step`)."""
+        kinds = tuple(tuple(type(c) for c in row) for row in caches)
+        flat = [c for row in caches for c in row]
+        states = [c.step_state() for c in flat]
+        # One compiled function per cache kinds and buffer shapes, so that dropping the
+        # oldest bounds the traces kept (rows of an engine grow their buffers independently).
+        key = (kinds, tuple(s[0].shape for s in states))
+        step = self._fixed_steps.pop(key, None)
+        if step is None:
+            step = mx.compile(partial(self._fixed_layers, kinds), inputs=self)
+            while len(self._fixed_steps) >= MAX_COMPILED_STEPS:
+                self._fixed_steps.pop(next(iter(self._fixed_steps)))
+        self._fixed_steps[key] = step  # most recently used last
+        x, buffers = step(x, offsets, states)
+        for c, (keys, values) in zip(flat, buffers):
+            c.step_commit(keys, values)
+        return x
+
+    def _fixed_layers(self, kinds: tuple[tuple[type, ...], ...], x: mx.array,
+                      offsets: mx.array, states: list[tuple]) -> tuple[mx.array, list]:
+        """`states[b * layers + i]`: row b's layer-i cache buffers; returns the new ones in
+        the same order."""
+        n = len(self.layers)
+        masks: list[dict] = [{} for _ in kinds]
+        out: list[list] = [[None] * n for _ in kinds]
+        for i, layer in enumerate(self.layers):
+            rows = [(row_kinds[i], states[b * n + i], masks[b])
+                    for b, row_kinds in enumerate(kinds)]
+            x, buffers = layer.fixed_step(x, offsets, rows)
+            for b, pair in enumerate(buffers):
+                out[b][i] = pair
+        return x, [pair for row in out for pair in row]
+
+    @staticmethod
+    def _fixed_step_ready(caches: Sequence[Any]) -> bool:
+        return all(getattr(c, "fixed_step_ready", lambda: False)() for c in caches)
+
     def step_rows(self, tokens: mx.array, caches: Sequence[Sequence[Any]]) -> mx.array:
         """The next-token logits `[B, vocab]` of `B` sequences, each one token `tokens[b]` on
-        top of its own layer caches `caches[b]` (see `TransformerBlock.step_rows`)."""
+        top of its own layer caches `caches[b]`: the compiled step when every cache has
+        fixed-shape buffers, else `TransformerBlock.step_rows` layer by layer."""
         for rows in caches:
             self.check_positions(rows[0].offset, 1)
         x = self.embed(tokens.reshape(-1, 1))
+        if all(self._fixed_step_ready(rows) for rows in caches):
+            offsets = mx.array([rows[0].offset for rows in caches])
+            return self.head(self.model.norm(self._compiled_step(x, caches, offsets)))[:, -1, :]
         window = self.config.sliding_window
         masks = {sliding: [attention_mask(1, rows[i].offset, rows[i].length,
                                           window if sliding else None) for rows in caches]
@@ -451,6 +543,9 @@ class Model(nn.Module):
             return project(x.astype(head.weight.dtype)).astype(x.dtype)
         return project(x)
 
+
+# Compiled one-token steps kept per model (each one set of cache kinds and buffer shapes).
+MAX_COMPILED_STEPS = 32
 
 # Prompt tokens per prefill step: large enough that each expert sees many rows per pass over
 # its weights, small enough to bound the full layers' attention scores (benchmarks/README.md).

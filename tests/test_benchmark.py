@@ -127,3 +127,34 @@ def test_ours_alone_has_no_ratio_column(tmp_path):
     lines = format_table(results).splitlines()
     assert lines[0] == f"| metric | {OURS} |"
     assert all(line.count("|") == 3 for line in lines if line.startswith("| "))
+
+
+def test_checkpoint_cache_name_tells_head_layouts_apart(tmp_path):
+    """Two width sets differing only in heads and window get their own checkpoints."""
+    from mlx_gptoss.benchmark import synthetic_checkpoint
+
+    other = {**WIDTHS, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32,
+             "sliding_window": 4}
+    paths = [synthetic_checkpoint(Settings(layers=1, widths=w, cache_dir=tmp_path))
+             for w in (WIDTHS, other)]
+    assert paths[0] != paths[1]
+    configs = [json.loads((p / "config.json").read_text()) for p in paths]
+    assert [c["head_dim"] for c in configs] == [16, 32]
+    assert synthetic_checkpoint(Settings(layers=1, widths=other, cache_dir=tmp_path)) == paths[1]
+
+
+@pytest.mark.slow
+def test_overhead_mode_measures_every_variant_in_fresh_processes(tmp_path):
+    from mlx_gptoss.benchmark import OverheadSettings, format_overhead_table, run_overhead
+
+    settings = OverheadSettings(depths=(2,), prompt_tokens=4, decode_tokens=2, repeats=1,
+                                processes=1, cache_dir=tmp_path)
+    results = run_overhead(settings, log=lambda _: None)
+    row = results["depths"]["2"]
+    assert set(row) == {f"{OURS} [default]", f"{OURS} [bfloat16]", MLX_LM}
+    assert all(v["decode_ms"] > 0 and len(v["process_ms"]) == 1 for v in row.values())
+    assert "bfloat16" in row[f"{OURS} [bfloat16]"]["dtypes"]
+    table = format_overhead_table(results)
+    assert table.splitlines()[2].startswith("| 2 | wall |")
+    assert all(v["cpu_ms"] > 0 for v in row.values())
+    json.dumps(results)

@@ -9,21 +9,24 @@ import typer
 from ..errors import GptOssError
 
 
-def _sizes(text: str) -> tuple[int, ...]:
+def _sizes(text: str, option: str = "--sizes") -> tuple[int, ...]:
     try:
         sizes = tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError:
         sizes = ()
     if not sizes or min(sizes) < 1:
-        raise GptOssError(f"--sizes wants positive integers separated by commas, got {text!r}")
+        raise GptOssError(f"{option} wants positive integers separated by commas, got {text!r}")
     return sizes
 
 
 def bench(
     layers: int = typer.Option(2, "--layers", min=1, help="Transformer blocks (real widths)."),
     sizes: str = typer.Option("128,1024,4096", "--sizes", help="Prompt lengths to prefill."),
-    decode_tokens: int = typer.Option(16, "--decode", min=1, help="Tokens decoded per size."),
-    repeats: int = typer.Option(3, "--repeats", min=1, help="Median over this many runs."),
+    decode_tokens: Optional[int] = typer.Option(
+        None, "--decode", min=1, help="Tokens decoded per size (default 16; --overhead 64)."),
+    repeats: Optional[int] = typer.Option(
+        None, "--repeats", min=1, help="Median over this many runs (default 3; --overhead 5 "
+        "per process)."),
     second_turn: int = typer.Option(64, "--second-turn", min=1,
                                     help="New tokens in the second chat turn."),
     history: Optional[int] = typer.Option(None, "--history", min=1,
@@ -41,16 +44,43 @@ def bench(
                                    help="Where the synthetic checkpoint is kept."),
     out: Path = typer.Option(Path("benchmarks/results/latest.json"), "--out",
                              help="JSON results file."),
+    overhead: bool = typer.Option(
+        False, "--overhead", help="Per-token decode overhead instead: tiny widths at --depths "
+        "layers, one fresh process per sample (--processes), ours in the default dtype and "
+        "bf16 (or --dtype) vs mlx-lm."),
+    depths: str = typer.Option("24,36", "--depths", help="--overhead: layer counts."),
+    processes: int = typer.Option(3, "--processes", min=1,
+                                  help="--overhead: fresh processes per variant and depth."),
 ) -> None:
     """Prefill/decode speed, memory, load time and prompt-cache TTFT, side by side."""
-    from ..benchmark import Settings, format_table, run, write_results
+    from ..benchmark import (
+        OverheadSettings,
+        Settings,
+        format_overhead_table,
+        format_table,
+        run,
+        run_overhead,
+        write_results,
+    )
     from ..loading import resolve_dtype
 
     for name in (dtype, mlx_lm_dtype):  # before minutes of checkpoint writing, not after
         if name is not None:
             resolve_dtype(name)
-    settings = Settings(layers=layers, prompt_sizes=_sizes(sizes), decode_tokens=decode_tokens,
-                        repeats=repeats, second_turn_tokens=second_turn, history=history,
+    if overhead:
+        osettings = OverheadSettings(
+            depths=_sizes(depths, "--depths"), decode_tokens=decode_tokens or 64,
+            repeats=repeats or 5, processes=processes,
+            dtypes=(dtype,) if dtype is not None else OverheadSettings.dtypes,
+            compare=compare, cache_dir=cache_dir)
+        results = run_overhead(osettings, log=lambda line: typer.echo(line, err=True))
+        write_results(results, out)
+        typer.echo(format_overhead_table(results))
+        typer.echo(f"\nresults written to {out}")
+        return
+    settings = Settings(layers=layers, prompt_sizes=_sizes(sizes),
+                        decode_tokens=decode_tokens or 16,
+                        repeats=repeats or 3, second_turn_tokens=second_turn, history=history,
                         dtype=dtype, chunk=chunk,
                         mlx_lm_dtype=mlx_lm_dtype, compare=compare, breakdown=breakdown,
                         cache_dir=cache_dir)
