@@ -332,9 +332,14 @@ class Opening:
 def tool_choice_of(tool_choice: Any, names: Sequence[str]) -> tuple[str, tuple[str, ...]]:
     """("auto" | "none" | "required", the functions a call may go to) from OpenAI's forms:
     "auto", "none", "required", {"type": "function", "name": N} (Responses) or
-    {"type": "function", "function": {"name": N}} (Chat Completions)."""
+    {"type": "function", "function": {"name": N}} (Chat Completions), and
+    {"type": "allowed_tools", "mode": "auto" | "required", "tools": [...]} (Responses; Chat
+    nests mode and tools under "allowed_tools"): calls only to those of the declared
+    functions, which all stay in the prompt (so it still matches a cached prefix)."""
     if tool_choice is None:
         tool_choice = "auto"
+    if isinstance(tool_choice, dict) and tool_choice.get("type") == "allowed_tools":
+        return allowed_tools_of(tool_choice, names)
     if isinstance(tool_choice, dict):
         named = tool_choice.get("name") or (tool_choice.get("function") or {}).get("name")
         if tool_choice.get("type") != "function" or not isinstance(named, str):
@@ -345,11 +350,33 @@ def tool_choice_of(tool_choice: Any, names: Sequence[str]) -> tuple[str, tuple[s
                               f"tools ({', '.join(names) or 'none declared'})")
         return "required", (named,)
     if tool_choice not in TOOL_CHOICES:
-        raise SchemaError(f"tool_choice must be auto, none, required or a named function, "
-                          f"got {tool_choice!r}")
+        raise SchemaError(f"tool_choice must be auto, none, required, a named function or "
+                          f"allowed_tools, got {tool_choice!r}")
     if tool_choice == "required" and not names:
         raise SchemaError('tool_choice "required" needs at least one function tool')
     return tool_choice, tuple(names) if tool_choice != "none" else ()
+
+
+def allowed_tools_of(choice: dict, names: Sequence[str]) -> tuple[str, tuple[str, ...]]:
+    """`tool_choice_of` for {"type": "allowed_tools", ...}. Entries of other kinds than
+    "function" (built-in tools) do not restrict the function calls."""
+    spec = choice.get("allowed_tools", choice)  # Chat Completions nests the two fields
+    mode, tools = (spec.get("mode"), spec.get("tools")) if isinstance(spec, dict) else (None, None)
+    if mode not in ("auto", "required") or not isinstance(tools, list):
+        raise SchemaError('allowed_tools needs "mode" ("auto" or "required") and a "tools" list')
+    allowed: list[str] = []
+    for tool in tools:
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            continue
+        named = tool.get("name") or (tool.get("function") or {}).get("name")
+        if named not in names:
+            raise SchemaError(f"allowed_tools names the function {named!r}, which is not among "
+                              f"the tools ({', '.join(names) or 'none declared'})")
+        if named not in allowed:
+            allowed.append(named)
+    if mode == "required" and not allowed:
+        raise SchemaError('allowed_tools with mode "required" needs at least one function')
+    return mode, tuple(allowed)
 
 
 class JsonSchemaConstraint:
@@ -382,14 +409,17 @@ class JsonSchemaConstraint:
             for tool in tools
         }
         self.tool_choice, callable_ = tool_choice_of(tool_choice, [t.name for t in tools])
+        # "auto" over a subset of the functions (allowed_tools) needs the structure too.
+        self.restricted = set(callable_) != {t.name for t in tools}
         if max_reasoning_tokens is not None and (
                 type(max_reasoning_tokens) is not int or max_reasoning_tokens < 0):
             raise SchemaError(f"max_reasoning_tokens must be a whole number >= 0, "
                               f"got {max_reasoning_tokens!r}")
         self.max_reasoning_tokens = max_reasoning_tokens
-        wanted = (schema is not None or self.tool_choice != "auto"
+        wanted = (schema is not None or self.tool_choice != "auto" or self.restricted
                   or max_reasoning_tokens is not None)
-        if not structure and (self.tool_choice != "auto" or max_reasoning_tokens is not None):
+        if not structure and (self.tool_choice != "auto" or self.restricted
+                              or max_reasoning_tokens is not None):
             raise SchemaError("tool_choice and max_reasoning_tokens need structure=True")
         self.structured = structure and wanted
         self._any_object: CompiledSchema | None = None

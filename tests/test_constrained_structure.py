@@ -212,6 +212,27 @@ def test_headers_are_only_the_allowed_openings(tok):
     assert allowed(processor(tok.encode("assistant"), logits)) == {tok.channel}
 
 
+def test_allowed_tools_restrict_the_calls(tok):
+    """allowed_tools: calls only to the listed functions (every declared one stays in the
+    prompt); "auto" keeps the final answer open, "required" closes it; both API shapes."""
+    lookup = ToolDescription("lookup", "", {"type": "object"})
+    responses_shape = {"type": "allowed_tools", "mode": "auto",
+                       "tools": [{"type": "function", "name": "lookup"}, {"type": "web_search"}]}
+    chat_shape = {"type": "allowed_tools", "allowed_tools": {
+        "mode": "required", "tools": [{"type": "function", "function": {"name": "lookup"}}]}}
+    for choice, kinds in ((responses_shape, ["analysis", "final", "call"]),
+                          (chat_shape, ["analysis", "call"])):
+        constraint = JsonSchemaConstraint.from_schema(tok, tools=[WEATHER, lookup], tool_choice=choice)
+        assert constraint.structured  # no schema, but a subset of the functions: enforced
+        assert [o.kind for o in constraint.openings] == kinds
+        assert tok.decode(constraint.openings[-1].header).startswith(
+            "<|channel|>commentary to=functions.lookup ")
+    # all the declared functions allowed: plain "auto", nothing to enforce
+    every = {"type": "allowed_tools", "mode": "auto",
+             "tools": [{"type": "function", "name": "lookup"}, {"type": "function", "name": "get_weather"}]}
+    assert not JsonSchemaConstraint.from_schema(tok, tools=[WEATHER, lookup], tool_choice=every).structured
+
+
 def test_named_function_header_is_forced(tok):
     lookup = ToolDescription("lookup", "", {"type": "object", "properties": {"q": {"type": "string"}}})
     constraint = JsonSchemaConstraint.from_schema(tok, tools=[WEATHER, lookup], max_reasoning_tokens=0,
@@ -386,6 +407,11 @@ def test_max_json_tokens(schema, expected):
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "name": "nope"}}, "'nope'"),
     ({"tools": [WEATHER], "tool_choice": "sometimes"}, "auto, none, required"),
     ({"tools": [WEATHER], "tool_choice": {"type": "file_search"}}, "is not"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "allowed_tools", "mode": "auto",
+                                          "tools": [{"type": "function", "name": "nope"}]}}, "'nope'"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "allowed_tools", "tools": []}}, '"mode"'),
+    ({"tools": [WEATHER], "tool_choice": {"type": "allowed_tools", "mode": "required",
+                                          "tools": [{"type": "web_search"}]}}, "at least one"),
     ({"max_reasoning_tokens": -1}, ">= 0"),
     ({"max_reasoning_tokens": 5, "structure": False}, "structure=True"),
 ])

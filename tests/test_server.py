@@ -337,6 +337,14 @@ def test_tool_choice_required_and_named_on_a_random_model(chat_model):
         completion = api.chat.completions.create(
             model=NAME, messages=[{"role": "user", "content": "Pick."}], tools=[chat_tool],
             tool_choice={"type": "function", "function": {"name": "set_unit"}}, max_tokens=64)
+        # allowed_tools: both functions in the prompt, calls only to the one allowed
+        restricted = api.responses.create(
+            model=NAME, input="Pick.", tools=[CONFIRM_TOOL, UNIT_TOOL], max_output_tokens=64,
+            tool_choice={"type": "allowed_tools", "mode": "required",
+                         "tools": [{"type": "function", "name": "confirm"}]})
+    [call] = [item for item in restricted.output if item.type == "function_call"]
+    assert call.name == "confirm", restricted.output
+    jsonschema.validate(json.loads(call.arguments), CONFIRM_TOOL["parameters"])
     choice = completion.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.tool_calls[0].function.name == "set_unit"
     jsonschema.validate(json.loads(choice.message.tool_calls[0].function.arguments), UNIT_TOOL["parameters"])
@@ -424,6 +432,9 @@ def test_errors_are_openai_bodies_and_the_server_stays_up(tok):
                ({"input": [{"type": "function_call_output", "call_id": "nope", "output": "x"}]},
                 "input[0].call_id"),
                ({"input": "Hi", "tools": [WEATHER], "tool_choice": {"type": "function", "name": "nope"}},
+                "tool_choice"),
+               ({"input": "Hi", "tools": [WEATHER], "tool_choice": {
+                   "type": "allowed_tools", "mode": "required", "tools": [{"type": "function", "name": "nope"}]}},
                 "tool_choice"),
                ({"input": "Hi", "text": {"format": {"type": "json_schema", "name": "x",
                                                      "schema": {"type": "nonsense"}}}}, "text.format"),

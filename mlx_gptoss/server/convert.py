@@ -25,7 +25,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from ..constrained import response_format_of
+from ..constrained import allowed_tools_of, response_format_of
+from ..errors import SchemaError
 from ..prompts import developer_message, system_message
 from ..harmony import (
     Author,
@@ -200,7 +201,8 @@ def tool_choice_of(choice: Any, functions: list[ToolDescription], param: str = "
     """The request's `tool_choice` in the constraint's terms: "auto", "none", "required" or
     `{"type": "function", "name": X}` (Chat's `{"function": {"name": X}}` included).
 
-    `allowed_tools` (and kinds the server does not serve) are accepted and mean "auto"."""
+    `allowed_tools` (either API's shape) is checked here and enforced by the constraint;
+    kinds the server does not serve are accepted and mean "auto"."""
     if choice is None or choice in ("auto", "none", "required"):
         choice = choice or "auto"
         if choice == "required" and not functions:
@@ -212,6 +214,12 @@ def tool_choice_of(choice: Any, functions: list[ToolDescription], param: str = "
             raise bad_request(f"tool_choice names function {name!r}, which is not in 'tools'",
                               param, "invalid_value")
         return {"type": "function", "name": name}
+    if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        try:
+            allowed_tools_of(choice, [t.name for t in functions])
+        except SchemaError as e:
+            raise bad_request(str(e), param, "invalid_value") from None
+        return choice
     if isinstance(choice, dict):
         log.warning("tool_choice of type %r is not enforced; using auto", choice.get("type"))
         return "auto"
