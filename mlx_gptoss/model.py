@@ -420,8 +420,11 @@ class Model(nn.Module):
             dtype += f", vocabulary matrices {name(vocab)}"
         q = cfg.quantization
         quantized = f", {q.mode} {q.bits}-bit {'+'.join(q.modules)}" if q else ""
+        e = cfg.experts
+        storage = {"mxfp4": "", "dense": " dense", "affine": f" {e.bits}-bit"}[e.format]
         return (f"Model(gpt_oss, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
-                f"{cfg.num_local_experts} experts ({cfg.num_experts_per_tok} active), vocabulary "
+                f"{cfg.num_local_experts}{storage} experts ({cfg.num_experts_per_tok} active), "
+                "vocabulary "
                 f"{cfg.vocab_size}, {dtype}{quantized})")
 
     def make_cache(self, sliding_slack: int = 0, kv_bits: int | None = None,

@@ -66,6 +66,7 @@ def test_float32_experts_fuse_exactly(source, adapted, tmp_path):
     assert np.abs(base - want).max() > 1.0  # the adapter matters: the check above can fail
 
 
+@pytest.mark.slow
 def test_bf16_and_8bit_experts_fuse_closely(source, adapted, tmp_path, capsys):
     """Measured (this model, float32 compute, printed with -s): max |logits - unfused| is
     0.018 with bf16 experts and 0.090 with 8-bit affine ones, against 2.92 between the base
@@ -87,6 +88,7 @@ def test_bf16_and_8bit_experts_fuse_closely(source, adapted, tmp_path, capsys):
     assert bf16 < q8 < 0.5 * reach, (bf16, q8, reach)
 
 
+@pytest.mark.slow
 def test_8bit_keeps_most_of_the_update_mxfp4_loses_it_and_warns(source, tmp_path):
     """The realized update `Q(W + Δ) - W` against the intended Δ, read back from the fused
     directories: MXFP4 loses it (measured relative error 3.56 for a 2.1% update: the update is
