@@ -21,7 +21,9 @@ import mlx.core as mx
 
 from .config import ExpertsConfig, load_config
 from .converter import ConversionReport, convert
-from .errors import GptOssError
+from .env import read_json
+from .errors import ConfigError, GptOssError
+from .formats import canonical_tensors
 from .loading import build_model, resolve_dtype
 from .lora import EXPERTS, load_adapter, lora_modules, peft_keys
 from .mxfp4 import BITS, GROUP_SIZE, MODE
@@ -54,7 +56,6 @@ def expert_storage(choice: str, hidden: int, intermediate: int) -> ExpertStorage
         "8bit": ExpertStorage(ExpertsConfig("affine", bits=8, group_size=group)),
         "mxfp4": ExpertStorage(ExpertsConfig()),
     }
-    assert set(storages) == set(EXPERT_STORAGE)
     if choice not in storages:
         raise FuseError(f"unknown expert storage {choice!r}; use one of {', '.join(storages)}")
     return storages[choice]
@@ -163,10 +164,6 @@ def fusing_transform(deltas: dict[str, mx.array], dtype: mx.Dtype | None,
 
 def _measure_requantization(model_path: Path, deltas: dict[str, mx.array]) -> tuple[float, int]:
     """(worst relative error, tensors) of re-quantizing the adapted experts to MXFP4."""
-    from .env import read_json
-    from .errors import ConfigError
-    from .formats import canonical_tensors
-
     cfg = load_config(model_path)
     raw = read_json(model_path / "config.json", expect=dict, error=ConfigError)
     _, tensors = canonical_tensors(model_path, cfg, raw)
