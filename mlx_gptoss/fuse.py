@@ -5,7 +5,7 @@ written (`dtype="float32"` keeps it exact; the default keeps the checkpoint's bf
 `merge_and_unload` does). The experts are MXFP4, whose steps are far coarser than a typical
 LoRA update: re-quantizing a merged expert to MXFP4 loses the update (a 2% update comes back
 with relative error ~1.0, finetune-notes.md). So an expert adapter is merged only by an
-explicit choice of a storage that keeps it (`experts=`, see `EXPERT_STORAGE`): dense bf16 (or
+explicit choice of a storage that keeps it (`experts=`, see `expert_storage`): dense bf16 (or
 float32, exact), 8-bit affine (close, a quarter of bf16's size above MXFP4's), or MXFP4 again,
 warned with the measured loss. Without a choice it is refused: serve it unfused
 (`load(path, adapter=DIR)`, `--adapter DIR`), which costs two small `gather_mm` per expert layer.
@@ -33,9 +33,6 @@ Tensors = Iterator[tuple[str, mx.array]]
 
 class FuseError(GptOssError):
     """The adapter cannot be fused into this model as asked."""
-
-
-EXPERT_STORAGE = ("bf16", "float32", "8bit", "mxfp4")  # the choices of `--experts`
 
 
 @dataclass(frozen=True)
@@ -66,10 +63,10 @@ EXPERTS_REFUSED = ("the adapter adapts the MXFP4 experts ({where}); re-quantizin
                    "(--adapter DIR), or fuse into dense or 8-bit experts (--experts bf16 or "
                    "--experts 8bit)")
 
-REQUANTIZED_WARNING = ("warning: the expert updates were re-quantized to MXFP4 and mostly lost: "
-                       "relative error of the realized update {worst:.2f} (worst of {count} "
-                       "tensors; 0 keeps it, 1 loses it); prefer --experts bf16 or 8bit, or the "
-                       "adapter unfused")
+REQUANTIZED_WARNING = ("warning: the expert updates were re-quantized to MXFP4, which loses "
+                       "typical LoRA updates: relative error of the realized update {worst:.2f} "
+                       "(worst of {count} tensors; 0 keeps it, 1 loses it); prefer --experts "
+                       "bf16 or 8bit, or the adapter unfused")
 
 
 def adapter_deltas(model_path: Path, adapter: str | Path, experts_fused: bool
