@@ -6,7 +6,7 @@ written (`dtype="float32"` keeps it exact; the default keeps the checkpoint's bf
 LoRA update: re-quantizing a merged expert to MXFP4 loses the update (a 2% update comes back
 with relative error ~1.0, finetune-notes.md). So an expert adapter is merged only by an
 explicit choice of a storage that keeps it (`experts=`, see `expert_storage`): dense bf16 (or
-float32, exact), 8-bit affine (close, a quarter of bf16's size above MXFP4's), or MXFP4 again,
+float32, exact), 8-bit affine (close; half bf16's size, twice MXFP4's), or MXFP4 again,
 warned with the measured loss. Without a choice it is refused: serve it unfused
 (`load(path, adapter=DIR)`, `--adapter DIR`), which costs two small `gather_mm` per expert layer.
 """
