@@ -131,10 +131,15 @@ def main() -> None:
     parser.add_argument("--mlx-lm-dtype", default=None, help="default: the checkpoint's bf16")
     parser.add_argument("--grad-checkpoint", action="store_true")
     parser.add_argument("--only", choices=["mlx-gptoss", "mlx-lm"], default=None)
+    parser.add_argument("--vocab", type=int, default=None,
+                        help="a smaller vocabulary (default 201,088): per-layer figures from "
+                        "runs at several --layers without the head's cost")
     parser.add_argument("--cache-dir", type=Path, default=Path(".bench-cache"))
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     settings = Settings(layers=args.layers, cache_dir=args.cache_dir)
+    if args.vocab is not None:
+        settings.widths["vocab_size"] = args.vocab
     source, converted = model_dirs(settings)
     vocab = settings.widths["vocab_size"]
     results = []
