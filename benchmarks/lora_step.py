@@ -9,7 +9,8 @@ loads, our conversion of it), one sequence of `--seq` tokens per step with the l
 token, AdamW. mlx-lm runs its own trainer's step: `default_loss` (full-vocabulary logits) and
 the `mx.compile`d update of `mlx_lm.tuner.trainer.train`; ours runs `train.loss_and_grad`
 (chunked cross-entropy) and the same optimizer. Each step is timed after `--warmup` steps;
-figures are medians. Peak memory is MLX's allocator peak during the timed steps, weights
+figures are medians (`step_cpu_s`: CPU seconds of the process, all threads, the fairer
+figure on a shared machine). Peak memory is MLX's allocator peak during the timed steps, weights
 included. Results: one JSON line per (implementation, seq) on stdout and in `--out`.
 """
 from __future__ import annotations
@@ -100,13 +101,17 @@ def measure(name: str, build, seq: int, steps: int, warmup: int, vocab: int) -> 
     for _ in range(warmup):
         step(tokens)
     mx.reset_peak_memory()
-    times, losses = [], []
+    times, cpu_times, losses = [], [], []
     for _ in range(steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         losses.append(step(tokens))
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     seconds = statistics.median(times)
     result = {"impl": name, "seq": seq, "step_s": round(seconds, 3),
+              # CPU seconds of all the process's threads: on a shared machine, the wall time
+              # mostly measures the other jobs' load.
+              "step_cpu_s": round(statistics.median(cpu_times), 3),
               "tokens_per_s": round(seq / seconds, 2),
               "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 3),
               "trainable": trainable, "loss": round(losses[-1], 4), "steps": steps}
@@ -126,10 +131,15 @@ def main() -> None:
     parser.add_argument("--mlx-lm-dtype", default=None, help="default: the checkpoint's bf16")
     parser.add_argument("--grad-checkpoint", action="store_true")
     parser.add_argument("--only", choices=["mlx-gptoss", "mlx-lm"], default=None)
+    parser.add_argument("--vocab", type=int, default=None,
+                        help="a smaller vocabulary (default 201,088): per-layer figures from "
+                        "runs at several --layers without the head's cost")
     parser.add_argument("--cache-dir", type=Path, default=Path(".bench-cache"))
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     settings = Settings(layers=args.layers, cache_dir=args.cache_dir)
+    if args.vocab is not None:
+        settings.widths["vocab_size"] = args.vocab
     source, converted = model_dirs(settings)
     vocab = settings.widths["vocab_size"]
     results = []

@@ -78,6 +78,33 @@ class QuantizationConfig:
                               f"{', '.join(QUANTIZABLE_MODULE_NAMES)}")
 
 
+# How the experts' weights are stored: MXFP4 as released, or what `fuse --experts` writes.
+EXPERT_FORMATS = ("mxfp4", "dense", "affine")
+
+
+@dataclass(frozen=True)
+class ExpertsConfig:
+    """The experts' storage: "mxfp4" (the checkpoints'), "dense" floats, or "affine" with
+    `bits`/`group_size`. Only the expert matmul differs between them (see `model.py`); a fused
+    LoRA update survives dense or 8-bit storage, not a re-quantization to MXFP4 (`fuse.py`)."""
+
+    format: str = "mxfp4"
+    bits: int | None = None
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.format not in EXPERT_FORMATS:
+            raise ConfigError(f"unknown expert format {self.format!r}; use one of "
+                              f"{', '.join(EXPERT_FORMATS)}")
+        if self.format == "affine":
+            QuantizationConfig(mode="affine", bits=self.bits, group_size=self.group_size)
+        elif (self.bits, self.group_size) != (None, None):
+            raise ConfigError(f"{self.format} experts take no bits or group size")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
@@ -100,6 +127,7 @@ class ModelConfig:
     eos_token_id: tuple[int, ...] = (200002,)
     pad_token_id: int | None = 199999
     quantization: QuantizationConfig | None = None
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
 
     # ---- derived -------------------------------------------------------------------------
     @property
@@ -161,6 +189,8 @@ class ModelConfig:
             q = asdict(self.quantization)
             q["modules"] = list(q["modules"])
             out["mlx_quantization"] = q
+        if self.experts != ExpertsConfig():
+            out["mlx_experts"] = self.experts.to_dict()
         return out
 
 
@@ -320,6 +350,7 @@ def _from_hf(raw: dict[str, Any], source: str) -> ModelConfig:
         eos_token_id=_token_ids(eos, source),
         pad_token_id=raw.get("pad_token_id"),
         quantization=_quantization_from_hf(raw.get("mlx_quantization"), source),
+        experts=_experts_from_hf(raw.get("mlx_experts"), source),
     )
     _validate(cfg, source)
     return cfg
@@ -342,6 +373,19 @@ def _quantization_from_hf(quant: Any, source: str) -> QuantizationConfig | None:
                                   group_size=quant["group_size"], modules=tuple(modules))
     except ConfigError as e:
         raise ConfigError(f"{source}: mlx_quantization: {e}") from None
+
+
+def _experts_from_hf(section: Any, source: str) -> ExpertsConfig:
+    """The `mlx_experts` section `fuse --experts` records (absent: MXFP4), checked."""
+    if section is None:
+        return ExpertsConfig()
+    if not isinstance(section, dict) or set(section) - {"format", "bits", "group_size"}:
+        raise ConfigError(f"{source}: mlx_experts must be an object with format, bits, "
+                          "group_size")
+    try:
+        return ExpertsConfig(**section)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: mlx_experts: {e}") from None
 
 
 def _from_original(raw: dict[str, Any], source: str) -> ModelConfig:

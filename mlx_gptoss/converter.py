@@ -24,8 +24,8 @@ from typing import Callable, Iterator
 import mlx.core as mx
 import numpy as np
 
-from .config import (DEFAULT_QUANTIZED_MODULES, QUANTIZATION_MODES, ModelConfig,
-                     QuantizationConfig, load_config)
+from .config import (DEFAULT_QUANTIZED_MODULES, QUANTIZATION_MODES, ExpertsConfig,
+                     ModelConfig, QuantizationConfig, load_config)
 from .env import read_json
 from .errors import CheckpointError, ConfigError, ConversionError
 from .formats import CONVERTED_MARKER, FORMATS, canonical_tensors
@@ -308,15 +308,19 @@ def convert(hf_path: str | Path, mlx_path: str | Path, *,
             progress: bool = True, vocab: str | Path | None = None,
             max_shard_bytes: int = MAX_SHARD_BYTES,
             log: Callable[[str], None] | None = None,
-            transform: Callable[[str, mx.array], mx.array] | None = None) -> ConversionReport:
+            transform: Callable[[Iterator[tuple[str, mx.array]]],
+                                Iterator[tuple[str, mx.array]]] | None = None,
+            experts: ExpertsConfig | None = None) -> ConversionReport:
     """Convert the checkpoint at `hf_path` into an MLX model directory at `mlx_path`.
 
     `quantization` (see `quantization_config`) quantizes the non-expert modules it names;
     experts always stay MXFP4. `progress` draws a byte progress bar on stderr; `log` gets the
     detected format before the work starts. Raises a `GptOssError` on bad input or an
     unwritable destination, leaving nothing at `mlx_path`; KeyboardInterrupt also cleans up,
-    then propagates. `transform(name, lazy array)` may replace canonical tensors on the way
-    (`fuse` merges LoRA updates so); it must keep their shapes.
+    then propagates. `transform(tensors)` may replace the stream of (name, lazy array) pairs
+    (`fuse` merges LoRA updates so); it is run twice (once to plan the files from the lazy
+    shapes, once to write), must be lazy and must give the same names and shapes each time.
+    `experts` records a changed expert storage (`fuse --experts`; default: the source's).
     """
     started = time.monotonic()
     src, dst = Path(hf_path), Path(mlx_path)
@@ -332,7 +336,8 @@ def convert(hf_path: str | Path, mlx_path: str | Path, *,
     groups = plan_tensors(tensors, quantization)
     planned = [t for group in groups for t in group]
     shards = plan_shards(groups, max_shard_bytes)
-    out_cfg = dataclasses.replace(cfg, quantization=quantization).to_hf_dict()
+    out_cfg = dataclasses.replace(cfg, quantization=quantization,
+                                  experts=experts or cfg.experts).to_hf_dict()
     out_cfg[CONVERTED_MARKER] = {
         "format_version": FORMAT_VERSION, "converter_version": CONVERTER_VERSION,
         "source_format": fmt,
@@ -379,10 +384,10 @@ def convert(hf_path: str | Path, mlx_path: str | Path, *,
 
 
 def _transformed(tensors: Iterator[tuple[str, mx.array]],
-                 transform: Callable[[str, mx.array], mx.array] | None
+                 transform: Callable[[Iterator[tuple[str, mx.array]]],
+                                     Iterator[tuple[str, mx.array]]] | None
                  ) -> Iterator[tuple[str, mx.array]]:
-    for name, array in tensors:
-        yield name, array if transform is None else transform(name, array)
+    return tensors if transform is None else transform(tensors)
 
 
 def _replace(tmp: Path, dst: Path) -> None:

@@ -28,8 +28,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .errors import CheckpointError, GptOssError
-from .model import Model, MXFP4SwitchLinear
-from .mxfp4 import BITS, deinterleave_rows, interleave_rows
+from .model import Model, SwitchLinear
+from .mxfp4 import deinterleave_rows, interleave_rows
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -109,10 +109,9 @@ def _linear_dims(base: nn.Module) -> tuple[int, int]:
     return packed, out
 
 
-def _switch_dims(base: MXFP4SwitchLinear) -> tuple[int, int, int]:
-    """(experts, input, output) features of packed MXFP4 experts (uint32 words of 8 values)."""
-    experts, out_dims, words = base.weight.shape
-    return experts, words * 32 // BITS, out_dims
+def _switch_dims(base: SwitchLinear) -> tuple[int, int, int]:
+    """(experts, input, output) features of an expert layer, whatever its storage."""
+    return base.num_experts, base.input_dims, base.output_dims
 
 
 class LoRALinear(nn.Module):
@@ -140,13 +139,13 @@ class LoRALinear(nn.Module):
 
 
 class LoRASwitchLinear(nn.Module):
-    """Frozen MXFP4 experts plus a per-expert `scale · B_e A_e` on each token's routed experts.
+    """Frozen experts (MXFP4, or dense / 8-bit after a fuse) plus a per-expert `scale · B_e A_e` on each token's routed experts.
 
     A `[E, r, in]`, B `[E, out, r]`; the low-rank products use `gather_mm` with the same expert
     indices (and sortedness) as the base's `gather_qmm`, so only routed experts are touched.
     """
 
-    def __init__(self, base: MXFP4SwitchLinear, rank: int, scale: float):
+    def __init__(self, base: SwitchLinear, rank: int, scale: float):
         super().__init__()
         self.base = base
         experts, in_dims, out_dims = _switch_dims(base)

@@ -4,7 +4,8 @@ block:  h = x + attn(norm(x));  out = h + moe(norm(h))
 attn:   GQA with q/k/v/o biases, YaRN RoPE, a learned per-head sink logit in the softmax
         denominator, a sliding window of `sliding_window` keys on the layers that say so.
 moe:    router (linear + bias) -> top-k -> softmax over the k; each expert is a clamped SwiGLU
-        with MXFP4 weights multiplied in place by `gather_qmm`, never dequantized.
+        with MXFP4 weights multiplied in place by `gather_qmm`, never dequantized (or, after
+        `fuse --experts`, dense weights by `gather_mm` / 8-bit affine ones by `gather_qmm`).
 
 Parameter names match the Hugging Face checkpoint except the experts, whose gate/up rows are
 regrouped (see `formats.hf`).
@@ -186,20 +187,80 @@ def quantized_attention(q: mx.array, keys: tuple, values: tuple, scale: float, m
     return out.reshape(b, n_heads, t, d)
 
 
-class MXFP4SwitchLinear(nn.Module):
-    """One linear layer per expert, weights in MXFP4, applied to each token's chosen experts."""
+class SwitchLinear(nn.Module):
+    """One linear layer per expert plus its bias, applied to each token's chosen experts.
+
+    Subclasses differ only in how the weights `[E, out, in]` are stored and so in the one
+    gathered matmul (`product`); the bias, the SwiGLU and the routing around them are shared.
+    """
 
     def __init__(self, num_experts: int, input_dims: int, output_dims: int):
         super().__init__()
-        self.weight = mx.zeros((num_experts, output_dims, input_dims * BITS // 32), mx.uint32)
-        self.scales = mx.zeros((num_experts, output_dims, input_dims // GROUP_SIZE), mx.uint8)
+        self.num_experts, self.input_dims, self.output_dims = num_experts, input_dims, output_dims
         self.bias = mx.zeros((num_experts, output_dims))
 
+    def product(self, x: mx.array, experts: mx.array, sorted_experts: bool) -> mx.array:
+        raise NotImplementedError
+
     def __call__(self, x: mx.array, experts: mx.array, sorted_experts: bool) -> mx.array:
-        y = mx.gather_qmm(x, self.weight, self.scales, None, rhs_indices=experts, transpose=True,
-                          group_size=GROUP_SIZE, bits=BITS, mode=MODE,
-                          sorted_indices=sorted_experts)
+        y = self.product(x, experts, sorted_experts)
         return y + mx.expand_dims(self.bias[experts], -2)
+
+
+class MXFP4SwitchLinear(SwitchLinear):
+    """Experts in MXFP4 as released, multiplied in place by `gather_qmm`."""
+
+    def __init__(self, num_experts: int, input_dims: int, output_dims: int):
+        super().__init__(num_experts, input_dims, output_dims)
+        self.weight = mx.zeros((num_experts, output_dims, input_dims * BITS // 32), mx.uint32)
+        self.scales = mx.zeros((num_experts, output_dims, input_dims // GROUP_SIZE), mx.uint8)
+
+    def product(self, x: mx.array, experts: mx.array, sorted_experts: bool) -> mx.array:
+        return mx.gather_qmm(x, self.weight, self.scales, None, rhs_indices=experts,
+                             transpose=True, group_size=GROUP_SIZE, bits=BITS, mode=MODE,
+                             sorted_indices=sorted_experts)
+
+
+class DenseSwitchLinear(SwitchLinear):
+    """Experts in plain floats (a LoRA update fused exactly, `fuse --experts bf16`)."""
+
+    def __init__(self, num_experts: int, input_dims: int, output_dims: int):
+        super().__init__(num_experts, input_dims, output_dims)
+        self.weight = mx.zeros((num_experts, output_dims, input_dims))
+
+    def product(self, x: mx.array, experts: mx.array, sorted_experts: bool) -> mx.array:
+        return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=experts,
+                            sorted_indices=sorted_experts)
+
+
+class AffineSwitchLinear(SwitchLinear):
+    """Experts affine-quantized (`fuse --experts 8bit`): fine enough steps to keep a fused
+    LoRA update, where MXFP4's are not."""
+
+    def __init__(self, num_experts: int, input_dims: int, output_dims: int, bits: int,
+                 group_size: int):
+        super().__init__(num_experts, input_dims, output_dims)
+        self.bits, self.group_size = bits, group_size
+        groups = input_dims // group_size
+        self.weight = mx.zeros((num_experts, output_dims, input_dims * bits // 32), mx.uint32)
+        self.scales = mx.zeros((num_experts, output_dims, groups))
+        self.biases = mx.zeros((num_experts, output_dims, groups))
+
+    def product(self, x: mx.array, experts: mx.array, sorted_experts: bool) -> mx.array:
+        return mx.gather_qmm(x, self.weight, self.scales, self.biases, rhs_indices=experts,
+                             transpose=True, group_size=self.group_size, bits=self.bits,
+                             mode="affine", sorted_indices=sorted_experts)
+
+
+def switch_linear(cfg: ModelConfig, input_dims: int, output_dims: int) -> SwitchLinear:
+    """The expert layer for the storage the config records (`ExpertsConfig`)."""
+    e = cfg.experts
+    if e.format == "dense":
+        return DenseSwitchLinear(cfg.num_local_experts, input_dims, output_dims)
+    if e.format == "affine":
+        return AffineSwitchLinear(cfg.num_local_experts, input_dims, output_dims, e.bits,
+                                  e.group_size)
+    return MXFP4SwitchLinear(cfg.num_local_experts, input_dims, output_dims)
 
 
 @partial(mx.compile, shapeless=True)
@@ -218,10 +279,8 @@ class Experts(nn.Module):
         self.intermediate = cfg.intermediate_size
         self.limit = cfg.swiglu_limit
         self.alpha = cfg.swiglu_alpha
-        self.gate_up = MXFP4SwitchLinear(cfg.num_local_experts, cfg.hidden_size,
-                                         2 * cfg.intermediate_size)
-        self.down = MXFP4SwitchLinear(cfg.num_local_experts, cfg.intermediate_size,
-                                      cfg.hidden_size)
+        self.gate_up = switch_linear(cfg, cfg.hidden_size, 2 * cfg.intermediate_size)
+        self.down = switch_linear(cfg, cfg.intermediate_size, cfg.hidden_size)
 
     def __call__(self, x: mx.array, experts: mx.array) -> mx.array:
         """x `[N, H]`, experts `[N, k]` -> per-expert outputs `[N, k, H]`."""
@@ -401,8 +460,11 @@ class Model(nn.Module):
             dtype += f", vocabulary matrices {name(vocab)}"
         q = cfg.quantization
         quantized = f", {q.mode} {q.bits}-bit {'+'.join(q.modules)}" if q else ""
+        e = cfg.experts
+        storage = {"mxfp4": "", "dense": " dense", "affine": f" {e.bits}-bit"}[e.format]
         return (f"Model(gpt_oss, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
-                f"{cfg.num_local_experts} experts ({cfg.num_experts_per_tok} active), vocabulary "
+                f"{cfg.num_local_experts}{storage} experts ({cfg.num_experts_per_tok} active), "
+                "vocabulary "
                 f"{cfg.vocab_size}, {dtype}{quantized})")
 
     def make_cache(self, sliding_slack: int = 0, kv_bits: int | None = None,

@@ -108,13 +108,18 @@ def loss_sum(model: Model, batch: Batch, *, chunk: int = 1024,
     h = model.features(batch.inputs, wrap_layer=_checkpointed if grad_checkpoint else None)
     h = h.reshape(-1, h.shape[-1])[batch.positions]
 
+    # Several chunks recompute their logits in the backward pass, so that one chunk's exist at
+    # a time; a single chunk's logits would coexist with their gradient either way, and
+    # recomputing them would only cost another vocabulary-sized matmul.
+    recompute = h.shape[0] > chunk
+
     def chunk_loss(targets: mx.array) -> Callable:
         def run(h: mx.array) -> mx.array:  # the targets stay constants of the checkpoint
             logits = model.head(h).astype(mx.float32)
             picked = mx.take_along_axis(logits, targets[:, None], axis=-1).squeeze(-1)
             return (mx.logsumexp(logits, axis=-1) - picked).sum()
 
-        return mx.checkpoint(run)
+        return mx.checkpoint(run) if recompute else run
 
     total = mx.array(0.0, dtype=mx.float32)
     for start in range(0, h.shape[0], chunk):
