@@ -107,7 +107,9 @@ def accuracy(args, out: list) -> None:
             deltas[name].append(np.abs(rows[i] - rows[0]).astype(np.float32))
             if best[i] != best[0]:
                 first[name] = steps if first[name] is None else first[name]
-                differ[name].append({"step": steps, "top2_margin": float(margins[-1]),
+                differ[name].append({"step": steps, "token": int(best[i]),
+                                     "float32_token": int(best[0]),
+                                     "top2_margin": float(margins[-1]),
                                      "max_abs_delta": float(deltas[name][-1].max())})
         tokens.append(int(best[0]))
         steps += 1
