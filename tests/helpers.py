@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from contextlib import contextmanager
+from http.server import ThreadingHTTPServer
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -77,3 +81,16 @@ def rewind_through(model, cache, case: str, ids) -> tuple[list[int], list[int]]:
     todo = cache.prepare(prompt)
     assert len(prompt) - len(todo) == expected_start
     return prompt, todo
+
+
+@contextmanager
+def local_site(handler: type) -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 (a free port) answering with `handler`; yields its base URL."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

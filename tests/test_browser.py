@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from helpers import local_site
 
 from mlx_gptoss.harmony import Author, Message, Role, SystemContent, TextContent
 from mlx_gptoss.tools import BrowserTool, ToolRouter
@@ -98,14 +99,9 @@ class Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    Handler.release.set()
-    httpd.shutdown()
-    httpd.server_close()
+    with local_site(Handler) as url:
+        yield url
+        Handler.release.set()  # a request held by the test must not block the shutdown
 
 
 def call(function: str, arguments: dict | str) -> Message:

@@ -7,13 +7,13 @@ delta); a cursor never opened and a range past the page's end stay plain text.""
 from __future__ import annotations
 
 import json
-import threading
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
 import openai
 import pytest
+from helpers import local_site
 from scripted import ScriptedModel, harmony
 
 from mlx_gptoss.server import create_app, running
@@ -58,13 +58,8 @@ class Site(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def site():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Site)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with local_site(Site) as url:
+        yield url
 
 
 class ContextModel(ScriptedModel):
