@@ -110,6 +110,12 @@ def verify(model_dir: str | Path, against: str | Path | None = None) -> VerifyRe
     if against is None:
         return report
     src = Path(against)
+    fused = read_json(model_dir / "config.json", expect=dict,
+                      error=ConfigError).get("mlx_gptoss_fused_adapter")
+    if isinstance(fused, dict):  # recorded by `fuse`: differing from the source is its point
+        raise VerificationError(
+            f"{model_dir} has the adapter {fused.get('adapter')} fused into its weights, so "
+            f"they differ from {src} by design; verify it without --against (its structure)")
     src_cfg = load_config(src)
     if dataclasses.replace(cfg, quantization=None) != src_cfg:
         raise VerificationError(f"{model_dir}: config.json does not describe the same model as "

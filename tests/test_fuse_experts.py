@@ -168,6 +168,9 @@ def test_fused_experts_pass_verify_load_generate_and_take_an_adapter(chat_checkp
     assert "structure OK" in verify(tmp_path / "q8").summary()
     code, out, err = cli(capsys, "verify", "--model", tmp_path / "q8")
     assert code == 0, err
+    code, out, err = cli(capsys, "verify", "--model", tmp_path / "q8", "--against", chat_checkpoint)
+    assert code == 2 and "fused into its weights" in err and "without --against" in err, err
+    assert len(err.strip().splitlines()) == 1
     code, out, err = cli(capsys, "generate", "--model", tmp_path / "q8", "--prompt", "hi",
                          "--max-tokens", 3, "--temp", 0)
     assert code == 0, err
