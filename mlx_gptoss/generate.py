@@ -323,7 +323,8 @@ def stream_generate(model: Model, tokenizer: HarmonyTokenizer, prompt: Prompt, *
                     response_format: Any = None, constrain_tools: bool = True,
                     tool_choice: Any = None, max_reasoning_tokens: int | None = None,
                     kv_bits: int | None = None,
-                    sampler: Callable[[mx.array], mx.array] | None = None,
+                    wrap_sampler: Callable[[Callable[[mx.array], mx.array]],
+                                           Callable[[mx.array], mx.array]] | None = None,
                     **prompt_options) -> Iterator[Event | GenerationResult]:
     """Yield harmony events as tokens are sampled, then one `GenerationResult`.
 
@@ -349,8 +350,9 @@ def stream_generate(model: Model, tokenizer: HarmonyTokenizer, prompt: Prompt, *
     `prompt_cache` reuses (and keeps) the keys and values of a previous call's shared prefix;
     without one, `kv_bits` (8 or 4) keeps the full-attention layers' keys and values quantized
     (a `PromptCache.for_model(model, kv_bits=...)` does the same for a reused cache).
-    `sampler`: used instead of the one `sampling` makes (e.g. a server across ranks takes
-    rank 0's token on every rank: `distributed.synchronized_sampler`).
+    `wrap_sampler(sampler)`: replaces the sampler the resolved sampling settings make, by one
+    built on it (a server across ranks takes rank 0's token on every rank:
+    `distributed.synchronized_sampler`).
     """
     request = prepare_request(model, tokenizer, prompt, max_tokens=max_tokens, sampling=sampling,
                               logits_processors=logits_processors, render_config=render_config,
@@ -361,8 +363,9 @@ def stream_generate(model: Model, tokenizer: HarmonyTokenizer, prompt: Prompt, *
                               seed=seed, **prompt_options)
     stats = GenerationStats()
     tokens: list[int] = []
+    sampler = make_sampler(request.sampling)
     stream = generate_tokens(model, request.ids,
-                             sampler=sampler or make_sampler(request.sampling),
+                             sampler=sampler if wrap_sampler is None else wrap_sampler(sampler),
                              max_tokens=max_tokens, stop_tokens=request.stop_tokens,
                              logits_processors=request.processors, prompt_cache=prompt_cache,
                              stats=stats, kv_bits=kv_bits)

@@ -37,8 +37,8 @@ import mlx.core as mx
 from .. import distributed
 from ..cache import DEFAULT_SLIDING_SLACK, PromptCache
 from ..errors import DistributedError
-from ..generate import GenerationResult, sampling_for, stream_generate
-from ..sampling import SamplingParams, make_sampler
+from ..generate import GenerationResult, stream_generate
+from ..sampling import SamplingParams
 from .protocol import APIError
 
 log = logging.getLogger("mlx_gptoss.server")
@@ -347,18 +347,15 @@ def lockstep_generation(model, tokenizer, cache: PromptCache, group, prompt: lis
     if group.rank() == 0:
         options = {**options, "logits_processors": [
             _Guarded(p, failures) for p in options.get("logits_processors", ())]}
-    sampling = sampling_for(model, options.get("sampling"))
-    sampler = distributed.synchronized_sampler(make_sampler(sampling), group)
-    events = stream_generate(model, tokenizer, prompt, prompt_cache=cache, sampler=sampler,
+
+    def agreed_stop() -> bool:  # one collective per event, on every rank
+        flag = mx.array(int(group.rank() == 0 and (stop() or bool(failures))), mx.int32)
+        return bool(distributed.broadcast(flag, group).item())
+
+    events = stream_generate(model, tokenizer, prompt, prompt_cache=cache,
+                             wrap_sampler=lambda s: distributed.synchronized_sampler(s, group),
                              **options)
-    try:
-        for event in events:
-            flag = mx.array(int(group.rank() == 0 and (stop() or bool(failures))), mx.int32)
-            if distributed.broadcast(flag, group).item():
-                break
-            yield event
-    finally:
-        events.close()
+    yield from _until(events, agreed_stop)
     if failures:
         raise failures[0]
 
