@@ -341,7 +341,7 @@ def tool_choice_of(tool_choice: Any, names: Sequence[str]) -> tuple[str, tuple[s
     if isinstance(tool_choice, dict) and tool_choice.get("type") == "allowed_tools":
         return allowed_tools_of(tool_choice, names)
     if isinstance(tool_choice, dict):
-        named = tool_choice.get("name") or (tool_choice.get("function") or {}).get("name")
+        named = function_named(tool_choice)
         if tool_choice.get("type") != "function" or not isinstance(named, str):
             raise SchemaError(f"tool_choice {json.dumps(tool_choice)[:200]} is not "
                               '{"type": "function", "name": NAME}')
@@ -357,6 +357,12 @@ def tool_choice_of(tool_choice: Any, names: Sequence[str]) -> tuple[str, tuple[s
     return tool_choice, tuple(names) if tool_choice != "none" else ()
 
 
+def function_named(entry: dict) -> Any:
+    """The function a tool_choice entry names: {"name": N} (Responses) or {"function":
+    {"name": N}} (Chat Completions); None if neither."""
+    return entry.get("name") or (entry.get("function") or {}).get("name")
+
+
 def allowed_tools_of(choice: dict, names: Sequence[str]) -> tuple[str, tuple[str, ...]]:
     """`tool_choice_of` for {"type": "allowed_tools", ...}. Entries of other kinds than
     "function" (built-in tools) do not restrict the function calls."""
@@ -368,7 +374,7 @@ def allowed_tools_of(choice: dict, names: Sequence[str]) -> tuple[str, tuple[str
     for tool in tools:
         if not isinstance(tool, dict) or tool.get("type") != "function":
             continue
-        named = tool.get("name") or (tool.get("function") or {}).get("name")
+        named = function_named(tool)
         if named not in names:
             raise SchemaError(f"allowed_tools names the function {named!r}, which is not among "
                               f"the tools ({', '.join(names) or 'none declared'})")

@@ -25,7 +25,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from ..constrained import allowed_tools_of, response_format_of
+from ..constrained import allowed_tools_of, function_named, response_format_of
 from ..errors import SchemaError
 from ..prompts import developer_message, system_message
 from ..harmony import (
@@ -209,7 +209,7 @@ def tool_choice_of(choice: Any, functions: list[ToolDescription], param: str = "
             raise bad_request("tool_choice 'required' needs at least one function tool", param)
         return choice
     if isinstance(choice, dict) and choice.get("type") == "function":
-        name = choice.get("name") or (choice.get("function") or {}).get("name")
+        name = function_named(choice)
         if name not in [t.name for t in functions]:
             raise bad_request(f"tool_choice names function {name!r}, which is not in 'tools'",
                               param, "invalid_value")
