@@ -43,6 +43,14 @@ def tiny_checkpoint(checkpoint_factory) -> Path:
     return checkpoint_factory("tiny")
 
 
+@pytest.fixture(scope="module")
+def tiny_model(tiny_checkpoint):
+    """`tiny_checkpoint`'s model in float32, one per test module (a module may change it)."""
+    from mlx_gptoss.loading import load_model
+
+    return load_model(tiny_checkpoint, "float32")[0]
+
+
 # --------------------------------------------------------------------------- generation and chat
 # (issue 5) A tiny model with the full 201088-token vocabulary, so harmony prompts run through it,
 # with the verified vocabulary copied in as the converter does.

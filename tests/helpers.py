@@ -7,9 +7,12 @@ import threading
 from contextlib import contextmanager
 from http.server import ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import mlx.core as mx
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,3 +97,10 @@ def local_site(handler: type) -> Iterator[str]:
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def random_tokens(n: int, seed: int = 0, vocab: int = 256) -> mx.array:
+    """`[1, n]` random token ids below `vocab` (the tiny checkpoints' vocabulary by default)."""
+    import mlx.core as mx
+
+    return mx.array(np.random.default_rng(seed).integers(0, vocab, (1, n)))

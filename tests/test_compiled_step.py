@@ -11,20 +11,11 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import random_tokens
 
 from mlx_gptoss.cache import KVCache, PromptCache, QuantizedKVCache, SlidingWindowCache
 from mlx_gptoss.loading import load_model
 from mlx_gptoss.model import prefill
-
-
-@pytest.fixture(scope="module")
-def compiled_model(checkpoint_factory):
-    m, _ = load_model(checkpoint_factory("tiny"), "float32")
-    return m
-
-
-def prompt(n: int, seed: int = 0) -> mx.array:
-    return mx.array(np.random.default_rng(seed).integers(0, 256, (1, n)))
 
 
 @pytest.fixture
@@ -51,14 +42,14 @@ def compiled_then_plain(model, plain_only, length: int, steps: int, slack: int =
     for disable in (lambda: None, plain_only):
         disable()
         caches = model.make_cache(sliding_slack=slack)
-        logits = prefill(model, prompt(length), caches)
+        logits = prefill(model, random_tokens(length), caches)
         results.append(decode(model, caches, mx.argmax(logits, axis=-1), steps))
     return results
 
 
-def test_compiled_step_equals_the_plain_path_while_the_full_buffer_grows(compiled_model,
+def test_compiled_step_equals_the_plain_path_while_the_full_buffer_grows(tiny_model,
                                                                        plain_only):
-    model = compiled_model
+    model = tiny_model
     model._fixed_steps.clear()
     # 250 prompt positions + 12 steps cross the full layers' first 256-position buffer.
     compiled, plain = compiled_then_plain(model, plain_only, 250, 12)
@@ -68,21 +59,21 @@ def test_compiled_step_equals_the_plain_path_while_the_full_buffer_grows(compile
     assert [int(a.argmax()) for a in compiled] == [int(b.argmax()) for b in plain]
 
 
-def test_sliding_slack_is_masked_out_of_the_compiled_step(compiled_model, plain_only):
+def test_sliding_slack_is_masked_out_of_the_compiled_step(tiny_model, plain_only):
     """With slack the cache holds keys older than the window: the query must not see them."""
-    model = compiled_model
+    model = tiny_model
     compiled, plain = compiled_then_plain(model, plain_only, 20, 6, slack=3)
     for a, b in zip(compiled, plain):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_prompt_cache_forks_and_trims_after_compiled_steps(compiled_model, plain_only):
+def test_prompt_cache_forks_and_trims_after_compiled_steps(tiny_model, plain_only):
     """A fork continues independently of its parent, and a trim rewinds exactly, whichever
     path wrote the positions."""
-    model = compiled_model
+    model = tiny_model
     def run():
         cache = PromptCache(model.make_cache(sliding_slack=4))
-        first = mx.argmax(prefill(model, prompt(30, seed=3), cache.layers), axis=-1)
+        first = mx.argmax(prefill(model, random_tokens(30, seed=3), cache.layers), axis=-1)
         head = decode(model, cache.layers, first, 3)
         fork = cache.fork()
         parent = decode(model, cache.layers, mx.array([7]), 4)
@@ -99,20 +90,20 @@ def test_prompt_cache_forks_and_trims_after_compiled_steps(compiled_model, plain
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_quantized_and_unfilled_caches_take_the_plain_path(compiled_model):
-    model = compiled_model
+def test_quantized_and_unfilled_caches_take_the_plain_path(tiny_model):
+    model = tiny_model
     quantized = QuantizedKVCache(8, 32)
     quantized.update_and_fetch(*[mx.ones((1, 2, 4, 32))] * 2)
     assert not quantized.fixed_step_ready()  # packed keys: its own attention, not the step's
     short = model.make_cache()
-    prefill(model, prompt(3), short)  # fewer positions than the window: not yet fixed-shape
+    prefill(model, random_tokens(3), short)  # fewer positions than the window: not yet fixed-shape
     assert not all(c.fixed_step_ready() for c in short)
 
 
 def test_compiled_step_reads_the_current_weights(checkpoint_factory, plain_only):
     m, _ = load_model(checkpoint_factory("tiny"), "float32")
     cache = PromptCache(m.make_cache())
-    prefill(m, prompt(16), cache.layers)
+    prefill(m, random_tokens(16), cache.layers)
     m._fixed_steps.clear()
 
     def step() -> np.ndarray:  # on a fork: each call starts from the same 16 positions
@@ -128,15 +119,15 @@ def test_compiled_step_reads_the_current_weights(checkpoint_factory, plain_only)
     np.testing.assert_allclose(after, plain, atol=1e-5)
 
 
-def test_batched_rows_equal_the_plain_batched_step(compiled_model, plain_only):
+def test_batched_rows_equal_the_plain_batched_step(tiny_model, plain_only):
     """`step_rows` over rows of different lengths (one crossing its 256-position buffer):
     the compiled step gives each row what the plain per-row attention gives."""
-    model = compiled_model
+    model = tiny_model
     def run() -> list[np.ndarray]:
         rows = []
         for n, seed in ((250, 1), (20, 2), (9, 3)):
             caches = model.make_cache(sliding_slack=2)
-            prefill(model, prompt(n, seed), caches)
+            prefill(model, random_tokens(n, seed), caches)
             rows.append(caches)
         tokens, out = mx.array([3, 4, 5]), []
         for _ in range(9):
@@ -154,14 +145,14 @@ def test_batched_rows_equal_the_plain_batched_step(compiled_model, plain_only):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_the_compiled_steps_kept_are_bounded(compiled_model, monkeypatch):
-    model = compiled_model
+def test_the_compiled_steps_kept_are_bounded(tiny_model, monkeypatch):
+    model = tiny_model
     import mlx_gptoss.model as model_module
 
     monkeypatch.setattr(model_module, "MAX_COMPILED_STEPS", 2)
     model._fixed_steps.clear()
     for n in (20, 300, 600):  # three buffer sizes of the full layer: three traces
         caches = model.make_cache()
-        prefill(model, prompt(n), caches)
+        prefill(model, random_tokens(n), caches)
         model(mx.array([[1]]), cache=caches)
     assert len(model._fixed_steps) == 2

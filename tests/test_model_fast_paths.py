@@ -10,25 +10,16 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import random_tokens
 
 from mlx_gptoss.loading import load_model
 from mlx_gptoss.cache import KVCache
 from mlx_gptoss.model import Attention, attention_mask, prefill
 
 
-@pytest.fixture(scope="module")
-def tiny_model(checkpoint_factory):
-    m, _ = load_model(checkpoint_factory("tiny"), "float32")
-    return m
-
-
-def tokens(n: int, seed: int = 0) -> mx.array:
-    return mx.array(np.random.default_rng(seed).integers(0, 256, (1, n)))
-
-
 @pytest.mark.parametrize("total,chunk", [(1, 4), (7, 7), (30, 8), (31, 8), (45, 16), (45, 64)])
 def test_prefill_logits_equal_the_full_forward(tiny_model, total, chunk):
-    t = tokens(total, seed=total)
+    t = random_tokens(total, seed=total)
     full = np.array(tiny_model(t)[:, -1, :])
     got = np.array(prefill(tiny_model, t, tiny_model.make_cache(), chunk_size=chunk))
     np.testing.assert_allclose(got, full, atol=1e-4, rtol=1e-4)
@@ -100,7 +91,7 @@ def test_attention_uses_blocks_only_beyond_the_window(tiny_model, monkeypatch):
     monkeypatch.setattr(Attention, "_windowed",
                         lambda self, *a: calls.append(a[0].shape[2]) or original(self, *a))
     window = tiny_model.config.sliding_window
-    tiny_model(tokens(window))
+    tiny_model(random_tokens(window))
     assert calls == []
-    tiny_model(tokens(window + 1))
+    tiny_model(random_tokens(window + 1))
     assert calls and all(n == window + 1 for n in calls)
