@@ -17,11 +17,50 @@ full re-prefill. Each is exact.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import mlx.core as mx
 
 from .errors import KVQuantizationError
+
+
+def write_step(state: tuple, at: mx.array, k: mx.array, v: mx.array):
+    """The compiled one-token step's cache write: the new key and value into slot `at`
+    (`[1]`) of the buffers `state`, in place. Returns (keys, values, new buffers)."""
+    keys = mx.slice_update(state[0], k, at, axes=(2,))
+    values = mx.slice_update(state[1], v, at, axes=(2,))
+    return keys, values, (keys, values)
+
+
+@dataclass(frozen=True)
+class FullStep:
+    """Where the compiled one-token step writes a full layer's buffer and what it masks: the
+    new position at the row's offset, the positions after it hidden (the buffer grows in
+    steps of `KVCache.step`, so it is longer than the sequence). `position` is an array `[1]`,
+    so one trace serves every position."""
+
+    @staticmethod
+    def prepare(state: tuple, position: mx.array) -> tuple[mx.array, mx.array]:
+        """(the slot to write, the mask): built once per step for all layers of the kind."""
+        return position, (mx.arange(state[0].shape[2]) <= position).reshape(1, 1, 1, -1)
+
+
+@dataclass(frozen=True)
+class RingStep:
+    """The same for a sliding layer's ring (`SlidingWindowCache.step_state`): the new
+    position into slot `position % ring size`; slot s then holds position
+    `position - (position - s) % ring size`, and the query sees the last `window` of them,
+    which is every slot when the cache has no slack (no mask)."""
+
+    window: int
+
+    def prepare(self, state: tuple, position: mx.array) -> tuple[mx.array, mx.array | None]:
+        size = state[0].shape[2]
+        if size == self.window:
+            return position % size, None
+        age = (position - mx.arange(size)) % size
+        return position % size, (age < self.window).reshape(1, 1, 1, -1)
 
 
 class KVCache:
@@ -58,33 +97,20 @@ class KVCache:
 
         self.keys, self.values = extend(self.keys, keys), extend(self.values, values)
 
-    # The compiled one-token step (`model.Model.run_layers`) works on fixed-shape buffers:
-    # `step_state` hands them out (with room for one more position), `step_write` is the
-    # traced write-and-fetch, `step_mask` which of the fetched keys the query sees (the same
-    # for every layer of a kind: built once per step), `step_commit` takes the buffers back.
+    # The compiled one-token step (`model.Model._compiled_step`) works on fixed-shape
+    # buffers: `step_state` hands them out (with room for one more position), `step_kind`
+    # says how the trace writes and masks them (`FullStep`), `step_commit` takes them back.
 
     def fixed_step_ready(self) -> bool:
         return self.keys is not None
 
-    def step_state(self) -> tuple[mx.array, mx.array, mx.array]:
-        """(keys buffer, values buffer, the write position as an array)."""
+    def step_state(self) -> tuple[mx.array, mx.array]:
+        """The keys and values buffers, with room for one more position."""
         self._reserve(self.offset + 1, self.keys, self.values)
-        return self.keys, self.values, mx.array([self.offset], dtype=mx.int32)
+        return self.keys, self.values
 
-    @staticmethod
-    def step_write(keys: mx.array, values: mx.array, position: mx.array, k: mx.array,
-                   v: mx.array):
-        """Write one position at `position` in place; the query attends over the whole
-        buffer (see `step_mask`). Returns (keys, values, new buffers)."""
-        keys = mx.slice_update(keys, k, position, axes=(2,))
-        values = mx.slice_update(values, v, position, axes=(2,))
-        return keys, values, (keys, values)
-
-    @staticmethod
-    def step_mask(length: int, state: tuple) -> mx.array:
-        """The positions after the one just written (`state`'s position) are not the
-        sequence's."""
-        return (mx.arange(length) <= state[2]).reshape(1, 1, 1, -1)
+    def step_kind(self) -> "FullStep":
+        return FullStep()
 
     def step_commit(self, keys: mx.array, values: mx.array) -> None:
         self.keys, self.values = keys, values
@@ -230,13 +256,24 @@ class QuantizedKVCache(KVCache):
 
 
 class SlidingWindowCache:
-    """The last `window - 1 + slack` positions: memory is O(window), whatever the context."""
+    """The last `window - 1 + slack` positions: memory is O(window), whatever the context.
+
+    Two layouts of the same content. *Ordered* (`keys`/`values` `[B, H, length, d]`, oldest
+    first) is what prefill, trimming, snapshots and forks use. The compiled one-token step uses
+    a *ring* of `window + slack` slots, position p in slot `p % ring size`, written in place:
+    attention does not care about the order of its keys (RoPE is applied before they are
+    stored), so a step costs one write instead of two concatenations and two slices. The
+    cache enters the ring at the first compiled step and leaves it (one gather) when anything
+    asks for the ordered layout.
+    """
 
     def __init__(self, window: int, slack: int = 0) -> None:
         self.window = window
         self.slack = slack
-        self.keys: mx.array | None = None
-        self.values: mx.array | None = None
+        self._keys: mx.array | None = None
+        self._values: mx.array | None = None
+        self._ring: tuple[mx.array, mx.array] | None = None
+        self._held = 0  # positions kept, in either layout
         self.offset = 0
 
     @property
@@ -244,43 +281,84 @@ class SlidingWindowCache:
         return self.window - 1 + self.slack
 
     @property
+    def ring_size(self) -> int:
+        return self.capacity + 1
+
+    @property
     def length(self) -> int:
         """How many earlier positions are kept (all visible to the next query or slack)."""
-        return 0 if self.keys is None else self.keys.shape[2]
+        return self._held
+
+    @property
+    def keys(self) -> mx.array | None:
+        self._leave_ring()
+        return self._keys
+
+    @keys.setter
+    def keys(self, value: mx.array | None) -> None:
+        self._leave_ring()
+        self._keys = value
+        self._held = 0 if value is None else value.shape[2]
+
+    @property
+    def values(self) -> mx.array | None:
+        self._leave_ring()
+        return self._values
+
+    @values.setter
+    def values(self, value: mx.array | None) -> None:
+        self._leave_ring()
+        self._values = value
+
+    def _leave_ring(self) -> None:
+        """Back to the ordered layout: rolled so the oldest slot comes first, the held
+        positions last (see `step_state`)."""
+        if self._ring is None:
+            return
+        size, shift = self.ring_size, self.offset % self.ring_size
+        self._keys, self._values = (mx.roll(a, -shift, axis=2)[..., size - self._held:, :]
+                                    for a in self._ring)
+        self._ring = None
 
     def fixed_step_ready(self) -> bool:
         """Once `window - 1` keys are held: then the next query sees exactly them and its
         own, the same shapes every token, so the compiled step traces once; before, the
         plain path runs."""
-        return self.keys is not None and self.window > 1 and self.length >= self.window - 1
+        return self.window > 1 and self._held >= self.window - 1
 
     def step_state(self) -> tuple[mx.array, mx.array]:
-        """The `window - 1` latest keys and values (the slack's older ones stay out)."""
-        seen = self.length - (self.window - 1)
-        return self.keys[..., seen:, :], self.values[..., seen:, :]
+        """The ring (entered now if the cache is ordered). Padded in front with zeros to
+        the ring's size, the ordered keys hold positions `offset - size ... offset - 1`, so
+        entry j belongs in slot `(offset + j) % size`: a roll by `offset`. The zero slots are
+        positions the query never sees (`RingStep.mask`)."""
+        if self._ring is None:
+            size, (b, h, held, d) = self.ring_size, self._keys.shape
+            self._ring = tuple(
+                mx.roll(mx.concatenate([mx.zeros((b, h, size - held, d), a.dtype), a], axis=2),
+                        self.offset % size, axis=2)
+                for a in (self._keys, self._values))
+            self._keys = self._values = None
+        return self._ring
 
-    @staticmethod
-    def step_write(keys: mx.array, values: mx.array, k: mx.array, v: mx.array):
-        """The window: the held keys then the new one. The new key and value go back to
-        `step_commit`, which stores them as `update_and_fetch` would."""
-        return mx.concatenate([keys, k], axis=2), mx.concatenate([values, v], axis=2), (k, v)
-
-    @staticmethod
-    def step_mask(length: int, state: tuple) -> None:
-        return None  # every key of the window is visible
+    def step_kind(self) -> "RingStep":
+        return RingStep(self.window)
 
     def step_commit(self, keys: mx.array, values: mx.array) -> None:
-        self.update_and_fetch(keys, values)
+        self._ring = (keys, values)
+        self.offset += 1
+        self._held = min(self.capacity, self._held + 1)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        held_keys, held_values = self.keys, self.values  # ordered
         self.offset += keys.shape[2]
-        if self.keys is not None and self.keys.shape[2] > 0:
-            keys = mx.concatenate([self.keys, keys], axis=2)
-            values = mx.concatenate([self.values, values], axis=2)
+        if held_keys is not None and held_keys.shape[2] > 0:
+            keys = mx.concatenate([held_keys, keys], axis=2)
+            values = mx.concatenate([held_values, values], axis=2)
         total = keys.shape[2]
         keep = min(self.capacity, total)
-        self.keys = keys[..., total - keep:, :]
-        self.values = values[..., total - keep:, :]
+        self._keys = keys[..., total - keep:, :]
+        self._values = values[..., total - keep:, :]
+        self._held = keep
         return keys, values
 
     @property
@@ -309,8 +387,7 @@ class SlidingWindowCache:
             )
         if n:
             keep = self.length - n
-            self.keys = self.keys[..., :keep, :]
-            self.values = self.values[..., :keep, :]
+            self.keys, self.values = self.keys[..., :keep, :], self.values[..., :keep, :]
             self.offset -= n
         return n
 
@@ -319,11 +396,13 @@ class SlidingWindowCache:
         return self.offset, self.keys, self.values
 
     def restore(self, snapshot: tuple[int, Any, Any]) -> None:
-        self.offset, self.keys, self.values = snapshot
+        offset, self.keys, self.values = snapshot
+        self.offset = offset
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+        arrays = self._ring if self._ring is not None else (self._keys, self._values)
+        return sum(a.nbytes for a in arrays if a is not None)
 
     def fork(self) -> "SlidingWindowCache":
         """The arrays are replaced, never written in place: sharing them is a copy."""

@@ -154,10 +154,11 @@ class LoRASwitchLinear(nn.Module):
         self.lora_b = mx.zeros((experts, out_dims, rank))
         self.scale = scale
 
-    def __call__(self, x: mx.array, experts: mx.array, sorted_experts: bool) -> mx.array:
-        y = self.base(x, experts, sorted_experts)
-        z = mx.gather_mm(x, self.lora_a.swapaxes(-1, -2), rhs_indices=experts,
-                         sorted_indices=sorted_experts)
+    def __call__(self, x: mx.array, experts: mx.array, sorted_experts: bool,
+                 rows: mx.array | None = None) -> mx.array:
+        y = self.base(x, experts, sorted_experts, rows)
+        z = mx.gather_mm(x, self.lora_a.swapaxes(-1, -2), lhs_indices=rows,
+                         rhs_indices=experts, sorted_indices=sorted_experts)
         z = mx.gather_mm(z, self.lora_b.swapaxes(-1, -2), rhs_indices=experts,
                          sorted_indices=sorted_experts)
         return y + (self.scale * z).astype(y.dtype)

@@ -20,7 +20,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .cache import KVCache, QuantizedKVCache, SlidingWindowCache, check_kv_quantization
+from .cache import (KVCache, QuantizedKVCache, SlidingWindowCache, check_kv_quantization,
+                    write_step)
 from .config import ModelConfig, RopeConfig
 from .errors import ContextLengthError
 from .mxfp4 import BITS, GROUP_SIZE, MODE
@@ -118,6 +119,65 @@ class Attention(nn.Module):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask,
                                                     sinks=self.sinks.astype(q.dtype))
 
+    def step_rotation(self, offsets: mx.array, dtype: mx.Dtype):
+        """What `one_token` rotates queries and keys by for positions `offsets [B]`: computed
+        once per step and shared by every layer (they share the RoPE and the scale).
+
+        With MLX's RoPE kernel, the offsets themselves. Where `mx.fast.rope` is a composition
+        of primitives (`composes_fast_ops`), it rebuilds the cos/sin of each call's positions,
+        two dozen graph nodes per layer and token; here they are built once, as the pair
+        tables `[B, 1, 2, d/2]` of `rotate_pairs`, and the queries' table carries the softmax
+        scale (one multiply fewer per layer). Same arithmetic as MLX's composition: float32
+        angles, cos/sin cast to the activations' dtype."""
+        if not composes_fast_ops():
+            return offsets
+        theta = offsets.astype(mx.float32)[:, None] * mx.reciprocal(self._rope_periods)
+        cos, sin = mx.cos(theta), mx.sin(theta)
+        cos = mx.stack([cos, cos], axis=1)[:, None]
+        sin = mx.stack([-sin, sin], axis=1)[:, None]
+        return ((cos * self.scale).astype(dtype), (sin * self.scale).astype(dtype),
+                cos.astype(dtype), sin.astype(dtype))
+
+    def one_token(self, h: mx.array, rotation, rows: list[tuple]
+                  ) -> tuple[mx.array, list[tuple]]:
+        """Attention of one new position per row, `h [B, H]` -> `[B, heads * d]`, on fixed-shape
+        cache buffers (the compiled step). Row b is `(kind, state, position, shared)`: where its
+        cache is written and what is masked (`cache.FullStep`/`RingStep`), its buffers, its
+        position (`[1]`), and what this step already prepared for that row (shared by the
+        layers of a kind). Projections are batched; each row attends over its own cache alone.
+        `rotation` is `step_rotation`'s."""
+        b, d = h.shape[0], self.head_dim
+        groups = self.n_heads // self.n_kv_heads
+        q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        composed = isinstance(rotation, tuple)
+        if composed:  # the query is scaled by its rotation table
+            cos_q, sin_q, cos_k, sin_k = rotation
+            q = rotate_pairs(q.reshape(b, self.n_heads, 2, d // 2), cos_q, sin_q)
+            q = q.reshape(b, self.n_kv_heads, groups, d)
+            k = rotate_pairs(k.reshape(b, self.n_kv_heads, 2, d // 2), cos_k, sin_k)
+            k = k.reshape(b, self.n_kv_heads, 1, d)
+        else:
+            qk = mx.concatenate([q, k], axis=-1).reshape(b, self.n_heads + self.n_kv_heads, 1, d)
+            qk = self._rope(qk, rotation)
+            q, k = qk[:, : self.n_heads], qk[:, self.n_heads:]
+        v = v.reshape(b, self.n_kv_heads, 1, d)
+        sinks = self.sinks.astype(mx.float32).reshape(1, self.n_kv_heads, groups, 1)
+        attended, buffers = [], []
+        for i, (kind, state, position, shared) in enumerate(rows):
+            one = slice(i, i + 1) if b > 1 else slice(None)
+            key = (kind, state[0].shape[2])
+            if key not in shared:  # the same for every layer of this kind in this row
+                shared[key] = kind.prepare(state, position)
+            at, mask = shared[key]
+            keys, values, new_state = write_step(state, at, k[one], v[one])
+            if composed:
+                out = composed_attention(q[one], keys, values, mask, sinks)
+            else:
+                out = self.weighted_values(q[one], keys, values, mask)
+            attended.append(out.reshape(out.shape[0], -1))
+            buffers.append(new_state)
+        return (attended[0] if b == 1 else mx.concatenate(attended, axis=0)), buffers
+
     def output(self, attended: mx.array) -> mx.array:
         b, _, t, _ = attended.shape
         if t > 1:  # one position: `[B, heads, 1, d]` is already in `[B, 1, heads, d]` order
@@ -154,6 +214,36 @@ def split_heads(x: mx.array, heads: int) -> mx.array:
     if t == 1:
         return x.reshape(b, heads, 1, -1)
     return x.reshape(b, t, heads, -1).transpose(0, 2, 1, 3)
+
+
+def composes_fast_ops() -> bool:
+    """Whether MLX runs `mx.fast.rope` and `scaled_dot_product_attention` as compositions of
+    primitives here (its CPU backend) rather than as kernels of their own (Metal, CUDA).
+
+    The one-token step then composes them itself, with fewer graph nodes (shared rotation
+    tables, no copies for the sink column): the kernel choice per device that
+    benchmarks/README.md's overhead row measures. The math is the same either way."""
+    return mx.default_device() == mx.cpu
+
+
+def rotate_pairs(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """RoPE on `x [..., 2, d/2]` (the two halves of each head): `(x1 cos - x2 sin,
+    x2 cos + x1 sin)` with `sin`'s first row negated (`Attention.step_rotation`). The halves
+    swap by a reversed view, so this is one fused kernel."""
+    return x * cos + x[..., ::-1, :] * sin
+
+
+def composed_attention(q: mx.array, keys: mx.array, values: mx.array, mask,
+                       sinks: mx.array) -> mx.array:
+    """One query per kv-head group, `q [B, Hkv, groups, d]` already scaled, over `keys`/`values`
+    `[B, Hkv, L, d]`, with each head's sink logit `sinks [1, Hkv, groups, 1]` (float32) in the
+    denominator: `exp(s - logaddexp(logsumexp(s), sink))`, the softmax of the scores with the
+    sink column, without building that column. Float32 scores; `mask` a boolean over L or None."""
+    scores = (q @ keys.swapaxes(-1, -2)).astype(mx.float32)
+    if mask is not None:
+        scores = mx.where(mask, scores, mx.array(-mx.inf, mx.float32))
+    norm = mx.logaddexp(mx.logsumexp(scores, axis=-1, keepdims=True), sinks)
+    return mx.exp(scores - norm).astype(q.dtype) @ values
 
 
 def quantized_attention(q: mx.array, keys: tuple, values: tuple, scale: float, mask,
@@ -199,11 +289,15 @@ class SwitchLinear(nn.Module):
         self.num_experts, self.input_dims, self.output_dims = num_experts, input_dims, output_dims
         self.bias = mx.zeros((num_experts, output_dims))
 
-    def product(self, x: mx.array, experts: mx.array, sorted_experts: bool) -> mx.array:
+    def product(self, x: mx.array, experts: mx.array, sorted_experts: bool,
+                rows: mx.array | None = None) -> mx.array:
         raise NotImplementedError
 
-    def __call__(self, x: mx.array, experts: mx.array, sorted_experts: bool) -> mx.array:
-        y = self.product(x, experts, sorted_experts)
+    def __call__(self, x: mx.array, experts: mx.array, sorted_experts: bool,
+                 rows: mx.array | None = None) -> mx.array:
+        """`rows`: which row of `x` each `experts` entry multiplies (`gather_qmm`'s
+        `lhs_indices`); None builds the default in every product, so `Experts` passes one."""
+        y = self.product(x, experts, sorted_experts, rows)
         return y + mx.expand_dims(self.bias[experts], -2)
 
 
@@ -215,10 +309,11 @@ class MXFP4SwitchLinear(SwitchLinear):
         self.weight = mx.zeros((num_experts, output_dims, input_dims * BITS // 32), mx.uint32)
         self.scales = mx.zeros((num_experts, output_dims, input_dims // GROUP_SIZE), mx.uint8)
 
-    def product(self, x: mx.array, experts: mx.array, sorted_experts: bool) -> mx.array:
-        return mx.gather_qmm(x, self.weight, self.scales, None, rhs_indices=experts,
-                             transpose=True, group_size=GROUP_SIZE, bits=BITS, mode=MODE,
-                             sorted_indices=sorted_experts)
+    def product(self, x: mx.array, experts: mx.array, sorted_experts: bool,
+                rows: mx.array | None = None) -> mx.array:
+        return mx.gather_qmm(x, self.weight, self.scales, None, lhs_indices=rows,
+                             rhs_indices=experts, transpose=True, group_size=GROUP_SIZE,
+                             bits=BITS, mode=MODE, sorted_indices=sorted_experts)
 
 
 class DenseSwitchLinear(SwitchLinear):
@@ -228,9 +323,10 @@ class DenseSwitchLinear(SwitchLinear):
         super().__init__(num_experts, input_dims, output_dims)
         self.weight = mx.zeros((num_experts, output_dims, input_dims))
 
-    def product(self, x: mx.array, experts: mx.array, sorted_experts: bool) -> mx.array:
-        return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=experts,
-                            sorted_indices=sorted_experts)
+    def product(self, x: mx.array, experts: mx.array, sorted_experts: bool,
+                rows: mx.array | None = None) -> mx.array:
+        return mx.gather_mm(x, self.weight.swapaxes(-1, -2), lhs_indices=rows,
+                            rhs_indices=experts, sorted_indices=sorted_experts)
 
 
 class AffineSwitchLinear(SwitchLinear):
@@ -246,10 +342,11 @@ class AffineSwitchLinear(SwitchLinear):
         self.scales = mx.zeros((num_experts, output_dims, groups))
         self.biases = mx.zeros((num_experts, output_dims, groups))
 
-    def product(self, x: mx.array, experts: mx.array, sorted_experts: bool) -> mx.array:
-        return mx.gather_qmm(x, self.weight, self.scales, self.biases, rhs_indices=experts,
-                             transpose=True, group_size=self.group_size, bits=self.bits,
-                             mode="affine", sorted_indices=sorted_experts)
+    def product(self, x: mx.array, experts: mx.array, sorted_experts: bool,
+                rows: mx.array | None = None) -> mx.array:
+        return mx.gather_qmm(x, self.weight, self.scales, self.biases, lhs_indices=rows,
+                             rhs_indices=experts, transpose=True, group_size=self.group_size,
+                             bits=self.bits, mode="affine", sorted_indices=sorted_experts)
 
 
 def switch_linear(cfg: ModelConfig, input_dims: int, output_dims: int) -> SwitchLinear:
@@ -290,15 +387,21 @@ class Experts(nn.Module):
             flat = experts.flatten()
             order = mx.argsort(flat)
             unsort = mx.argsort(order)
-            rows = mx.expand_dims(x[order // k], -2)  # [N*k, 1, H], grouped by expert
+            inputs = mx.expand_dims(x[order // k], -2)  # [N*k, 1, H], grouped by expert
             experts_used = flat[order]
+            up_rows = down_rows = None  # the defaults: each row once, in order
         else:
-            rows = mx.expand_dims(x, (-2, -3))  # [N, 1, 1, H], broadcast over k
+            inputs = mx.expand_dims(x, -2)  # [N, 1, H]
+            # Which input row each (token, expert) pair multiplies: token n's for the gate/up
+            # product, its own row of h for the down product. Built here once for both (left
+            # to gather_qmm, each product builds its own: graph nodes on every decode step).
+            down_rows = mx.arange(n * k, dtype=mx.uint32).reshape(n, k)
+            up_rows = down_rows // k
             experts_used = experts
-        h = self.gate_up(rows, experts_used, sort)
+        h = self.gate_up(inputs, experts_used, sort, up_rows)
         h = clamped_swiglu(h[..., : self.intermediate], h[..., self.intermediate:],
                            self.limit, self.alpha)
-        y = self.down(h, experts_used, sort).squeeze(-2)
+        y = self.down(h, experts_used, sort, down_rows).squeeze(-2)
         if sort:
             y = y[unsort].reshape(n, k, -1)
         return y
@@ -312,15 +415,19 @@ class MLP(nn.Module):
         self.experts = Experts(cfg)
 
     def __call__(self, x: mx.array) -> mx.array:
+        """x `[..., H]`. Written in as few graph nodes as the math allows: one decode step
+        is a chain of ~60 small ops per layer, and each node costs a dispatch (see
+        `Model._compiled_step`): no reshape of an input already `[N, H]`, the top k taken from
+        the top of the partition (no negation), the weighted sum of the k outputs one matmul."""
         shape = x.shape
-        x = x.reshape(-1, shape[-1])
+        if x.ndim != 2:
+            x = x.reshape(-1, shape[-1])
         logits = self.router(x)
+        first = logits.shape[-1] - self.top_k
         # The choice is discrete: training differentiates through the chosen logits only.
-        chosen = mx.stop_gradient(
-            mx.argpartition(-logits, kth=self.top_k - 1, axis=-1)[:, : self.top_k])
+        chosen = mx.stop_gradient(mx.argpartition(logits, kth=first, axis=-1)[:, first:])
         weights = mx.softmax(mx.take_along_axis(logits, chosen, axis=-1), axis=-1, precise=True)
-        y = self.experts(x, chosen)
-        y = (y * weights[..., None]).sum(axis=-2)
+        y = mx.expand_dims(weights, -2) @ self.experts(x, chosen)  # [N, 1, H]
         return y.reshape(shape)
 
 
@@ -358,26 +465,14 @@ class TransformerBlock(nn.Module):
                     for b, cache in enumerate(caches)]
         return self._compiled_outputs(x, mx.concatenate(attended, axis=0))
 
-    def fixed_step(self, x: mx.array, offsets: mx.array, rows: list[tuple[type, tuple, dict]]
+    def fixed_step(self, x: mx.array, rotation, rows: list[tuple]
                    ) -> tuple[mx.array, list[tuple]]:
-        """One token for each of `B` rows through this block, on their caches' fixed-shape
-        buffers, traced inside `Model`'s compiled step. Row b is `(kind, state, masks)`: its
-        cache's class (`step_write`/`step_mask`), its buffers, and the masks built so far in
-        this step for that row (shared by the layers of a kind). As in `step_rows`, all but
-        attention is batched, and each row attends over its own cache alone."""
-        q, k, v = self._attention_inputs(x, offsets)
-        attended, buffers = [], []
-        for b, (kind, state, masks) in enumerate(rows):
-            one = slice(b, b + 1) if len(rows) > 1 else slice(None)
-            keys, values, new_state = kind.step_write(*state, k[one], v[one])
-            mask_key = (kind, keys.shape[2])
-            if mask_key not in masks:
-                masks[mask_key] = kind.step_mask(keys.shape[2], state)
-            attended.append(self.self_attn.weighted_values(q[one], keys, values,
-                                                           masks[mask_key]))
-            buffers.append(new_state)
-        attended = attended[0] if len(rows) == 1 else mx.concatenate(attended, axis=0)
-        return self._outputs(x, attended), buffers
+        """One token for each of `B` rows through this block, `x [B, H]`, on their caches'
+        fixed-shape buffers, traced inside `Model`'s compiled step (see
+        `Attention.one_token` for `rotation` and `rows`)."""
+        attended, buffers = self.self_attn.one_token(self.input_layernorm(x), rotation, rows)
+        h = x + self.self_attn.o_proj(attended)
+        return h + self.mlp(self.post_attention_layernorm(h)), buffers
 
     def __call__(self, x: mx.array, mask, cache, last_only: bool = False) -> mx.array:
         offset = cache.offset if cache is not None else 0
@@ -506,7 +601,7 @@ class Model(nn.Module):
         """The blocks over activations `x [B, T, H]` (a pipeline stage overrides this)."""
         t = x.shape[1]
         if t == 1 and wrap_layer is None and cache is not None and self._fixed_step_ready(cache):
-            return self._compiled_step(x, [cache], mx.array(cache[0].offset))
+            return self._compiled_step(x, [cache], mx.array([cache[0].offset]))
         caches = cache if cache is not None else [None] * len(self.layers)
         masks: dict[bool, object] = {}
         last = len(self.layers) - 1
@@ -530,7 +625,7 @@ class Model(nn.Module):
         (or change of the batch's rows) and replayed per token: no Python per layer or row but
         handing buffers in and out, and MLX fuses across the layers' boundaries. The math is
         the blocks' own (`fixed_step`)."""
-        kinds = tuple(tuple(type(c) for c in row) for row in caches)
+        kinds = tuple(tuple(c.step_kind() for c in row) for row in caches)
         flat = [c for row in caches for c in row]
         states = [c.step_state() for c in flat]
         # One compiled function per cache kinds and buffer shapes, so that dropping the
@@ -551,16 +646,19 @@ class Model(nn.Module):
                       offsets: mx.array, states: list[tuple]) -> tuple[mx.array, list]:
         """`states[b * layers + i]`: row b's layer-i cache buffers; returns the new ones in
         the same order."""
-        n = len(self.layers)
+        n, (b, _, width) = len(self.layers), x.shape
+        x = x.reshape(b, width)
+        rotation = self.layers[0].self_attn.step_rotation(offsets, x.dtype)
+        positions = [offsets] if b == 1 else [offsets[r:r + 1] for r in range(b)]
         masks: list[dict] = [{} for _ in kinds]
         out: list[list] = [[None] * n for _ in kinds]
         for i, layer in enumerate(self.layers):
-            rows = [(row_kinds[i], states[b * n + i], masks[b])
-                    for b, row_kinds in enumerate(kinds)]
-            x, buffers = layer.fixed_step(x, offsets, rows)
-            for b, pair in enumerate(buffers):
-                out[b][i] = pair
-        return x, [pair for row in out for pair in row]
+            rows = [(row_kinds[i], states[r * n + i], positions[r], masks[r])
+                    for r, row_kinds in enumerate(kinds)]
+            x, buffers = layer.fixed_step(x, rotation, rows)
+            for r, pair in enumerate(buffers):
+                out[r][i] = pair
+        return x.reshape(b, 1, width), [pair for row in out for pair in row]
 
     @staticmethod
     def _fixed_step_ready(caches: Sequence[Any]) -> bool:
