@@ -156,3 +156,70 @@ def test_the_compiled_steps_kept_are_bounded(tiny_model, monkeypatch):
         prefill(model, random_tokens(n), caches)
         model(mx.array([[1]]), cache=caches)
     assert len(model._fixed_steps) == 2
+
+
+def test_a_sliding_cache_leaves_its_ring_holding_what_the_plain_path_holds(tiny_model,
+                                                                           plain_only):
+    """The compiled step keeps a sliding layer as a ring (slot = position % size); asked for
+    its keys in order afterwards (a snapshot, a trim, a prefill), it must hold exactly the
+    positions, in the order, that the plain path's concatenations keep."""
+    model = tiny_model
+
+    def run():
+        caches = model.make_cache(sliding_slack=3)
+        first = mx.argmax(prefill(model, random_tokens(21, seed=5), caches), axis=-1)
+        decode(model, caches, first, 13)  # 13 steps: the ring wraps around (size 8 + 3)
+        sliding = [c for c in caches if isinstance(c, SlidingWindowCache)]
+        return [(c.offset, c.length, np.array(c.keys), np.array(c.values)) for c in sliding]
+
+    compiled = run()
+    plain_only()
+    plain = run()
+    assert compiled and len(compiled) == len(plain)
+    for (offset, length, keys, values), (p_offset, p_length, p_keys, p_values) in zip(
+            compiled, plain):
+        assert (offset, length) == (p_offset, p_length) == (34, 10)
+        np.testing.assert_allclose(keys, p_keys, atol=1e-5)
+        np.testing.assert_allclose(values, p_values, atol=1e-5)
+
+
+def test_the_step_rotation_is_mlx_ropes_arithmetic(tiny_model):
+    """Where the step composes RoPE itself, its shared tables give what `mx.fast.rope` gives
+    (bit for bit on MLX's CPU composition), for rows at their own positions; the queries'
+    table also carries the softmax scale. Elsewhere the step hands RoPE the offsets."""
+    from mlx_gptoss.model import composes_fast_ops, rotate_pairs
+
+    attn = tiny_model.layers[0].self_attn  # YaRN, as the checkpoints configure it
+    d, heads = attn.head_dim, attn.n_heads
+    offsets = mx.array([0, 7, 131071])
+    rotation = attn.step_rotation(offsets, mx.float32)
+    if not composes_fast_ops():
+        assert rotation is offsets
+        return
+    x = mx.random.normal((3, heads, 1, d), key=mx.random.key(0))
+    expected = np.array(attn._rope(x, offsets))
+    cos_q, sin_q, cos_k, sin_k = rotation
+    pairs = x.reshape(3, heads, 2, d // 2)
+    np.testing.assert_array_equal(np.array(rotate_pairs(pairs, cos_k, sin_k)).reshape(x.shape),
+                                  expected)
+    np.testing.assert_allclose(np.array(rotate_pairs(pairs, cos_q, sin_q)).reshape(x.shape),
+                               expected * attn.scale, rtol=1e-6, atol=1e-7)
+
+
+def test_composed_attention_equals_mlx_sdpa_with_sinks_and_a_mask():
+    from mlx_gptoss.model import composed_attention
+
+    keys_ = [mx.random.key(i) for i in range(4)]
+    b, kv, groups, length, d = 2, 2, 3, 11, 16
+    q = mx.random.normal((b, kv * groups, 1, d), key=keys_[0])
+    k = mx.random.normal((b, kv, length, d), key=keys_[1])
+    v = mx.random.normal((b, kv, length, d), key=keys_[2])
+    sinks = mx.random.normal((kv * groups,), key=keys_[3])
+    mask = (mx.arange(length) <= 6).reshape(1, 1, 1, -1)
+    for m in (None, mask):
+        expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=m,
+                                                        sinks=sinks)
+        got = composed_attention((q * 0.25).reshape(b, kv, groups, d), k, v, m,
+                                 sinks.reshape(1, kv, groups, 1))
+        np.testing.assert_allclose(np.array(got.reshape(expected.shape)), np.array(expected),
+                                   rtol=1e-5, atol=1e-6)
