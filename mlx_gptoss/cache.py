@@ -18,11 +18,19 @@ full re-prefill. Each is exact.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Sequence
 
 import mlx.core as mx
+import numpy as np
 
 from .errors import KVQuantizationError
+
+
+@lru_cache(maxsize=64)
+def _slots(size: int) -> mx.array:
+    """`[1, 1, 1, size]` slot indices, a constant made from numpy (no graph node per step)."""
+    return mx.array(np.arange(size, dtype=np.int32).reshape(1, 1, 1, size))
 
 
 def write_step(state: tuple, at: mx.array, k: mx.array, v: mx.array):
@@ -43,7 +51,7 @@ class FullStep:
     @staticmethod
     def prepare(state: tuple, position: mx.array) -> tuple[mx.array, mx.array]:
         """(the slot to write, the mask): built once per step for all layers of the kind."""
-        return position, (mx.arange(state[0].shape[2]) <= position).reshape(1, 1, 1, -1)
+        return position, _slots(state[0].shape[2]) <= position
 
 
 @dataclass(frozen=True)
@@ -59,8 +67,7 @@ class RingStep:
         size = state[0].shape[2]
         if size == self.window:
             return position % size, None
-        age = (position - mx.arange(size)) % size
-        return position % size, (age < self.window).reshape(1, 1, 1, -1)
+        return position % size, (position - _slots(size)) % size < self.window
 
 
 class KVCache:

@@ -13,7 +13,7 @@ regrouped (see `formats.hf`).
 from __future__ import annotations
 
 import math
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any, Callable, Sequence
 
 import mlx.core as mx
@@ -368,6 +368,17 @@ def clamped_swiglu(gate: mx.array, up: mx.array, limit: float, alpha: float) -> 
     return (up + 1) * (gate * mx.sigmoid(alpha * gate))
 
 
+@lru_cache(maxsize=None)
+def _pair_rows(n: int, k: int) -> tuple[mx.array, mx.array]:
+    """Which input row each (token, expert) pair of an unsorted `[n, k]` routing multiplies:
+    token i's for the gate/up product, its own row of h for the down product.
+
+    Constants made from numpy (never graph nodes, so safe to keep across traces), where
+    gather_qmm's default builds them in every product: two nodes per layer and token."""
+    pairs = np.arange(n * k, dtype=np.uint32).reshape(n, k)
+    return mx.array(pairs // k), mx.array(pairs)
+
+
 class Experts(nn.Module):
     """Clamped SwiGLU experts. `gate_up` holds the gate rows first, then the up rows."""
 
@@ -392,11 +403,7 @@ class Experts(nn.Module):
             up_rows = down_rows = None  # the defaults: each row once, in order
         else:
             inputs = mx.expand_dims(x, -2)  # [N, 1, H]
-            # Which input row each (token, expert) pair multiplies: token n's for the gate/up
-            # product, its own row of h for the down product. Built here once for both (left
-            # to gather_qmm, each product builds its own: graph nodes on every decode step).
-            down_rows = mx.arange(n * k, dtype=mx.uint32).reshape(n, k)
-            up_rows = down_rows // k
+            up_rows, down_rows = _pair_rows(n, k)
             experts_used = experts
         h = self.gate_up(inputs, experts_used, sort, up_rows)
         h = clamped_swiglu(h[..., : self.intermediate], h[..., self.intermediate:],
