@@ -475,6 +475,8 @@ class OverheadSettings:
     compare: bool = True
     cache_dir: Path = Path(".bench-cache")
     seed: int = 0
+    rows: tuple[int, ...] = (1, 2, 4, 8)  # the batched step at these batch sizes (first depth)
+    row_steps: int = 20
 
 
 def _overhead_sample(name: str, path: str, dtype: str | None, prompt_tokens: int,
@@ -500,10 +502,48 @@ def _overhead_sample(name: str, path: str, dtype: str | None, prompt_tokens: int
             "cpu_s": statistics.median(cpu_times), "dtypes": dtype_summary(runner.model)}
 
 
-def _overhead_in_fresh_process(**kwargs: Any) -> dict[str, Any]:
-    """`_overhead_sample` in a new interpreter: nothing traced or cached carries over."""
-    code = ("import json, sys; from mlx_gptoss.benchmark import _overhead_sample; "
-            "print(json.dumps(_overhead_sample(**json.loads(sys.argv[1]))))")
+def _rows_sample(path: str, rows: list[int], stacked: bool, steps: int, seed: int
+                 ) -> dict[str, Any]:
+    """In this (fresh) process: the batched engine's decode call (`Model.step_rows`, then the
+    argmax, evaluated: unpipelined, as the engine steps) for each batch size in `rows`, rows of
+    different lengths; median ms per step. `stacked=False` makes each row attend on its own
+    (`StackedRows.can_stack` refused), the per-row cost the stacked caches remove."""
+    from .cache import StackedRows
+    from .model import prefill
+
+    if not stacked:
+        StackedRows.can_stack = staticmethod(lambda caches: False)
+    runner = Ours(None)
+    runner.load(Path(path))
+    model = runner.model
+    vocab = model.model.embed_tokens.weight.shape[0]
+    out: dict[str, Any] = {}
+    for batch in rows:
+        caches = []
+        for r in range(batch):
+            cache = model.make_cache()
+            prefill(model, prompt(40 + 3 * r, vocab, seed + r), cache)
+            caches.append(cache)
+        tokens = mx.zeros((batch,), mx.int32)
+        times, cpu_times = [], []
+        for i in range(steps + 3):  # 3 warm-up steps (traces, the stack)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            tokens = mx.argmax(model.step_rows(tokens, caches), axis=-1)
+            mx.eval(tokens)
+            if i >= 3:
+                times.append(time.perf_counter() - start)
+                cpu_times.append(time.process_time() - cpu_start)
+        out[str(batch)] = {"step_ms": 1000 * statistics.median(times),
+                           "cpu_ms": 1000 * statistics.median(cpu_times)}
+    return out
+
+
+def _overhead_in_fresh_process(function: str = "_overhead_sample", **kwargs: Any
+                               ) -> dict[str, Any]:
+    """A sample function of this module in a new interpreter: nothing traced or cached
+    carries over."""
+    code = (f"import json, sys; from mlx_gptoss.benchmark import {function}; "
+            f"print(json.dumps({function}(**json.loads(sys.argv[1]))))")
     done = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)],
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -543,7 +583,30 @@ def run_overhead(settings: OverheadSettings, log: Callable[[str], None] = print
                     "cpu_ms": 1000 * statistics.median(s["cpu_s"] for s in ss),
                     "dtypes": ss[0]["dtypes"]}
             for label, ss in samples.items()}
+    if settings.rows:
+        results["rows"] = _rows_row(settings, log)
     return results
+
+
+def _rows_row(settings: OverheadSettings, log: Callable[[str], None]) -> dict[str, Any]:
+    """The batched step at each of `settings.rows` batch sizes on the first depth, stacked
+    and per-row, fresh processes alternating; medians over processes."""
+    depth = settings.depths[0]
+    _, converted = model_dirs(Settings(layers=depth, widths=OVERHEAD_WIDTHS,
+                                       cache_dir=settings.cache_dir, seed=settings.seed))
+    samples: dict[str, list[dict[str, Any]]] = {"stacked": [], "per-row": []}
+    for p in range(settings.processes):
+        for label in (("stacked", "per-row") if p % 2 == 0 else ("per-row", "stacked")):
+            sample = _overhead_in_fresh_process(
+                "_rows_sample", path=str(converted), rows=list(settings.rows),
+                stacked=label == "stacked", steps=settings.row_steps, seed=settings.seed)
+            samples[label].append(sample)
+            log(f"  L{depth} rows {label:>8} process {p}: " + ", ".join(
+                f"{b}: {v['step_ms']:.1f} ms" for b, v in sample.items()))
+    return {"layers": depth, "steps": settings.row_steps, **{
+        label: {str(b): {key: statistics.median(s[str(b)][key] for s in ss)
+                         for key in ("step_ms", "cpu_ms")} for b in settings.rows}
+        for label, ss in samples.items()}}
 
 
 def variant_label(name: str, dtype: str | None) -> str:
@@ -566,6 +629,15 @@ def format_overhead_table(results: dict[str, Any]) -> str:
                 cells += [f"{row[label][key] / row[MLX_LM][key]:.2f}" for label in ours]
             lines.append("| " + " | ".join(cells) + " |")
     s = results["settings"]
+    if "rows" in results:
+        rows = results["rows"]
+        lines += ["", f"| rows (batched step, {rows['layers']} layers) | "
+                  + " | ".join(f"{b}" for b in rows["stacked"]) + " |",
+                  "|---|" + "---|" * len(rows["stacked"])]
+        for label in ("stacked", "per-row"):
+            for clock, key in (("wall", "step_ms"), ("CPU", "cpu_ms")):
+                lines.append(f"| {label} ms/step, {clock} | " + " | ".join(
+                    f"{v[key]:.2f}" for v in rows[label].values()) + " |")
     lines.append("")
     lines.append(f"tiny widths (hidden {OVERHEAD_WIDTHS['hidden_size']}, vocab "
                  f"{OVERHEAD_WIDTHS['vocab_size']}), {s['prompt_tokens']}-token prompt, "

@@ -34,10 +34,16 @@ def _slots(size: int) -> mx.array:
 
 
 def write_step(state: tuple, at: mx.array, k: mx.array, v: mx.array):
-    """The compiled one-token step's cache write: the new key and value into slot `at`
-    (`[1]`) of the buffers `state`, in place. Returns (keys, values, new buffers)."""
-    keys = mx.slice_update(state[0], k, at, axes=(2,))
-    values = mx.slice_update(state[1], v, at, axes=(2,))
+    """The compiled one-token step's cache write: the new key and value of each row into its
+    slot `at` (`[rows]`) of the buffers `state` `[rows, heads, slots, d]`, in place (MLX
+    donates the buffers: no copy). Returns (keys, values, new buffers)."""
+    if k.shape[0] == 1:
+        keys = mx.slice_update(state[0], k, at, axes=(2,))
+        values = mx.slice_update(state[1], v, at, axes=(2,))
+    else:  # stacked rows (`StackedRows`), each at its own position: one scatter
+        where = mx.broadcast_to(at.reshape(-1, 1, 1, 1), k.shape)
+        keys = mx.put_along_axis(state[0], where, k, axis=2)
+        values = mx.put_along_axis(state[1], where, v, axis=2)
     return keys, values, (keys, values)
 
 
@@ -50,8 +56,9 @@ class FullStep:
 
     @staticmethod
     def prepare(state: tuple, position: mx.array) -> tuple[mx.array, mx.array]:
-        """(the slot to write, the mask): built once per step for all layers of the kind."""
-        return position, _slots(state[0].shape[2]) <= position
+        """(the slot to write, the mask `[rows, 1, 1, slots]`) for the rows' positions
+        `[rows]`: built once per step for all layers of the kind."""
+        return position, _slots(state[0].shape[2]) <= position.reshape(-1, 1, 1, 1)
 
 
 @dataclass(frozen=True)
@@ -67,7 +74,8 @@ class RingStep:
         size = state[0].shape[2]
         if size == self.window:
             return position % size, None
-        return position % size, (position - _slots(size)) % size < self.window
+        age = (position.reshape(-1, 1, 1, 1) - _slots(size)) % size
+        return position % size, age < self.window
 
 
 class KVCache:
@@ -76,9 +84,41 @@ class KVCache:
     step = 256
 
     def __init__(self) -> None:
-        self.keys: mx.array | None = None
-        self.values: mx.array | None = None
+        self._keys: mx.array | None = None
+        self._values: mx.array | None = None
+        self._stack: tuple[StackedRows, int, int] | None = None  # (stack, row, layer)
         self.offset = 0
+
+    @property
+    def keys(self) -> mx.array | None:
+        if self._stack is not None:
+            self._unstack()
+        return self._keys
+
+    @keys.setter
+    def keys(self, value) -> None:
+        if self._stack is not None:
+            self._unstack()
+        self._keys = value
+
+    @property
+    def values(self) -> mx.array | None:
+        if self._stack is not None:
+            self._unstack()
+        return self._values
+
+    @values.setter
+    def values(self, value) -> None:
+        if self._stack is not None:
+            self._unstack()
+        self._values = value
+
+    def _unstack(self) -> None:
+        """Take this row's buffers back from the stack it was decoding in (a copy, so the
+        stack's memory can go) and leave it (see `StackedRows`)."""
+        stack, row, layer = self._stack
+        self._stack = None
+        self._keys, self._values = stack.take(row, layer)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         new = keys.shape[2]
@@ -109,7 +149,7 @@ class KVCache:
     # says how the trace writes and masks them (`FullStep`), `step_commit` takes them back.
 
     def fixed_step_ready(self) -> bool:
-        return self.keys is not None
+        return self._stack is not None or self._keys is not None
 
     def step_state(self) -> tuple[mx.array, mx.array]:
         """The keys and values buffers, with room for one more position."""
@@ -121,6 +161,10 @@ class KVCache:
 
     def step_commit(self, keys: mx.array, values: mx.array) -> None:
         self.keys, self.values = keys, values
+        self.step_advance()
+
+    def step_advance(self) -> None:
+        """One position written by the step (into these buffers or the stack's)."""
         self.offset += 1
 
     @property
@@ -280,6 +324,7 @@ class SlidingWindowCache:
         self._keys: mx.array | None = None
         self._values: mx.array | None = None
         self._ring: tuple[mx.array, mx.array] | None = None
+        self._stack: tuple[StackedRows, int, int] | None = None  # its ring is in a stack
         self._held = 0  # positions kept, in either layout
         self.offset = 0
 
@@ -317,9 +362,17 @@ class SlidingWindowCache:
         self._leave_ring()
         self._values = value
 
+    def _unstack(self) -> None:
+        """Take this row's ring back from the stack it was decoding in (see `KVCache`)."""
+        stack, row, layer = self._stack
+        self._stack = None
+        self._ring = stack.take(row, layer)
+
     def _leave_ring(self) -> None:
         """Back to the ordered layout: rolled so the oldest slot comes first, the held
         positions last (see `step_state`)."""
+        if self._stack is not None:
+            self._unstack()
         if self._ring is None:
             return
         size, shift = self.ring_size, self.offset % self.ring_size
@@ -337,7 +390,9 @@ class SlidingWindowCache:
         """The ring (entered now if the cache is ordered). Padded in front with zeros to
         the ring's size, the ordered keys hold positions `offset - size ... offset - 1`, so
         entry j belongs in slot `(offset + j) % size`: a roll by `offset`. The zero slots are
-        positions the query never sees (`RingStep.mask`)."""
+        positions the query never sees (`RingStep.prepare`)."""
+        if self._stack is not None:
+            self._unstack()
         if self._ring is None:
             size, (b, h, held, d) = self.ring_size, self._keys.shape
             self._ring = tuple(
@@ -352,6 +407,9 @@ class SlidingWindowCache:
 
     def step_commit(self, keys: mx.array, values: mx.array) -> None:
         self._ring = (keys, values)
+        self.step_advance()
+
+    def step_advance(self) -> None:
         self.offset += 1
         self._held = min(self.capacity, self._held + 1)
 
@@ -408,6 +466,8 @@ class SlidingWindowCache:
 
     @property
     def nbytes(self) -> int:
+        if self._stack is not None:
+            self._unstack()
         arrays = self._ring if self._ring is not None else (self._keys, self._values)
         return sum(a.nbytes for a in arrays if a is not None)
 
@@ -416,6 +476,94 @@ class SlidingWindowCache:
         copy = SlidingWindowCache(self.window, self.slack)
         copy.offset, copy.keys, copy.values = self.offset, self.keys, self.values
         return copy
+
+
+class StackedRows:
+    """The layer caches of several sequences stacked into one buffer per layer,
+    `[rows, heads, slots, d]`, so that the batched engine's compiled step writes every row's
+    new position with one scatter and attends all rows with one product per layer: the
+    step's cost is then per batch, not per row (`Model.step_rows`).
+
+    Full layers are padded to the longest row's buffer (positions past a row's own are
+    masked, `FullStep`); sliding layers stack their rings (the same size for every row).
+    While stacked, each layer cache points here instead of holding buffers; anything that
+    reads one (a snapshot, a fork, the pool, a prefill) takes its row back out as a copy,
+    which also ends this stack: the next step stacks the rows again. `release` gives every
+    row back at once, when the batch changes.
+    """
+
+    def __init__(self, rows: Sequence[Sequence[Any]]) -> None:
+        self.rows = [list(r) for r in rows]
+        self.broken = False
+        self.buffers: list[tuple[mx.array, mx.array]] = []
+        for i in range(len(self.rows[0])):
+            states = [row[i].step_state() for row in self.rows]
+            slots = max(k.shape[2] for k, _ in states)
+            self.buffers.append(tuple(
+                mx.concatenate([_padded(st[j], slots) for st in states], axis=0)
+                for j in (0, 1)))
+        for r, row in enumerate(self.rows):
+            for i, cache in enumerate(row):
+                cache._stack = (self, r, i)
+                cache._keys = cache._values = None
+                if isinstance(cache, SlidingWindowCache):
+                    cache._ring = None
+
+    @staticmethod
+    def can_stack(rows: Sequence[Sequence[Any]]) -> bool:
+        """Rows whose layers step the same way, with the same ring sizes."""
+        first = rows[0]
+        return all(len(row) == len(first) and all(
+            c.step_kind() == f.step_kind() and type(c) is type(f)
+            and getattr(c, "ring_size", None) == getattr(f, "ring_size", None)
+            for c, f in zip(row, first)) for row in rows[1:])
+
+    def holds(self, rows: Sequence[Sequence[Any]]) -> bool:
+        """Whether this stack is still exactly these rows' caches, in this order."""
+        return (not self.broken and len(rows) == len(self.rows) and all(
+            len(a) == len(b) and all(x is y for x, y in zip(a, b))
+            for a, b in zip(rows, self.rows)))
+
+    def step_state(self) -> list[tuple[mx.array, mx.array]]:
+        """Every layer's stacked buffers, a full layer's grown (by `KVCache.step` slots,
+        zeros) when its longest row has no room for one more position."""
+        for i, cache in enumerate(self.rows[0]):
+            if isinstance(cache, KVCache):
+                keys, values = self.buffers[i]
+                need = max(row[i].offset for row in self.rows) + 1
+                if need > keys.shape[2]:
+                    slots = -(-need // KVCache.step) * KVCache.step
+                    self.buffers[i] = (_padded(keys, slots), _padded(values, slots))
+        return self.buffers
+
+    def step_commit(self, buffers: Sequence[tuple[mx.array, mx.array]]) -> None:
+        self.buffers = list(buffers)
+        for row in self.rows:
+            for cache in row:
+                cache.step_advance()
+
+    def take(self, row: int, layer: int) -> tuple[mx.array, mx.array]:
+        """Row `row`'s buffers of layer `layer`, copied out; the stack is no longer whole."""
+        self.broken = True
+        keys, values = self.buffers[layer]
+        return mx.contiguous(keys[row:row + 1]), mx.contiguous(values[row:row + 1])
+
+    def release(self) -> None:
+        """Every row takes its buffers back (before the batch changes)."""
+        for row in self.rows:
+            for cache in row:
+                if cache._stack is not None and cache._stack[0] is self:
+                    cache._unstack()
+        self.buffers = []
+
+
+def _padded(a: mx.array, slots: int) -> mx.array:
+    """`a [rows, heads, n, d]` with zeros after, to `slots` positions."""
+    extra = slots - a.shape[2]
+    if extra == 0:
+        return a
+    b, h, _, d = a.shape
+    return mx.concatenate([a, mx.zeros((b, h, extra, d), a.dtype)], axis=2)
 
 
 LayerCache = KVCache | QuantizedKVCache | SlidingWindowCache

@@ -20,8 +20,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .cache import (KVCache, QuantizedKVCache, SlidingWindowCache, check_kv_quantization,
-                    write_step)
+from .cache import (KVCache, QuantizedKVCache, SlidingWindowCache, StackedRows,
+                    check_kv_quantization, write_step)
 from .config import ModelConfig, RopeConfig
 from .errors import ContextLengthError
 from .mxfp4 import BITS, GROUP_SIZE, MODE
@@ -144,8 +144,9 @@ class Attention(nn.Module):
         cache buffers (the compiled step). Row b is `(kind, state, position, shared)`: where its
         cache is written and what is masked (`cache.FullStep`/`RingStep`), its buffers, its
         position (`[1]`), and what this step already prepared for that row (shared by the
-        layers of a kind). Projections are batched; each row attends over its own cache alone.
-        `rotation` is `step_rotation`'s."""
+        layers of a kind); one entry may stand for all B rows (their caches stacked,
+        `cache.StackedRows`, positions `[B]`). Projections are batched; each row attends over
+        its own cache alone, padded positions masked. `rotation` is `step_rotation`'s."""
         b, d = h.shape[0], self.head_dim
         groups = self.n_heads // self.n_kv_heads
         q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
@@ -164,7 +165,7 @@ class Attention(nn.Module):
         sinks = self.sinks.astype(mx.float32).reshape(1, self.n_kv_heads, groups, 1)
         attended, buffers = [], []
         for i, (kind, state, position, shared) in enumerate(rows):
-            one = slice(i, i + 1) if b > 1 else slice(None)
+            one = slice(i, i + 1) if len(rows) > 1 else slice(None)  # one entry: all B rows
             key = (kind, state[0].shape[2])
             if key not in shared:  # the same for every layer of this kind in this row
                 shared[key] = kind.prepare(state, position)
@@ -176,7 +177,7 @@ class Attention(nn.Module):
                 out = self.weighted_values(q[one], keys, values, mask)
             attended.append(out.reshape(out.shape[0], -1))
             buffers.append(new_state)
-        return (attended[0] if b == 1 else mx.concatenate(attended, axis=0)), buffers
+        return (attended[0] if len(rows) == 1 else mx.concatenate(attended, axis=0)), buffers
 
     def output(self, attended: mx.array) -> mx.array:
         b, _, t, _ = attended.shape
@@ -545,6 +546,7 @@ class Model(nn.Module):
         # The compiled one-token steps, by cache kinds and buffer shapes (see
         # `_compiled_step`); kept out of the module's parameter tree.
         object.__setattr__(self, "_fixed_steps", {})
+        object.__setattr__(self, "_stack", None)  # the batched step's rows (`_stacked_step`)
 
     @property
     def layers(self) -> list[TransformerBlock]:
@@ -635,8 +637,15 @@ class Model(nn.Module):
         kinds = tuple(tuple(c.step_kind() for c in row) for row in caches)
         flat = [c for row in caches for c in row]
         states = [c.step_state() for c in flat]
-        # One compiled function per cache kinds and buffer shapes, so that dropping the
-        # oldest bounds the traces kept (rows of an engine grow their buffers independently).
+        x, buffers = self._step_for(kinds, states)(x, offsets, states)
+        for c, (keys, values) in zip(flat, buffers):
+            c.step_commit(keys, values)
+        return x
+
+    def _step_for(self, kinds: tuple, states: list[tuple]) -> Callable:
+        """The compiled step for these cache kinds and buffer shapes: one per key, so that
+        dropping the oldest bounds the traces kept (rows of an engine grow their buffers
+        independently)."""
         key = (kinds, tuple(s[0].shape for s in states))
         step = self._fixed_steps.pop(key, None)
         if step is None:
@@ -644,9 +653,24 @@ class Model(nn.Module):
             while len(self._fixed_steps) >= MAX_COMPILED_STEPS:
                 self._fixed_steps.pop(next(iter(self._fixed_steps)))
         self._fixed_steps[key] = step  # most recently used last
+        return step
+
+    def _stacked_step(self, x: mx.array, caches: Sequence[Sequence[Any]],
+                      offsets: mx.array) -> mx.array:
+        """`_compiled_step` for B rows as one: their caches stacked (`cache.StackedRows`,
+        kept from step to step while the rows stay the same), so each layer writes all rows
+        with one scatter and attends them with one product, whatever B."""
+        stack = self._stack
+        if stack is None or not stack.holds(caches):
+            if stack is not None:
+                stack.release()
+            stack = StackedRows(caches)
+            object.__setattr__(self, "_stack", stack)
+        states = stack.step_state()
+        kinds = (tuple(c.step_kind() for c in caches[0]),)
+        step = self._step_for(kinds, states)
         x, buffers = step(x, offsets, states)
-        for c, (keys, values) in zip(flat, buffers):
-            c.step_commit(keys, values)
+        stack.step_commit(buffers)
         return x
 
     def _fixed_layers(self, kinds: tuple[tuple[type, ...], ...], x: mx.array,
@@ -656,7 +680,9 @@ class Model(nn.Module):
         n, (b, _, width) = len(self.layers), x.shape
         x = x.reshape(b, width)
         rotation = self.layers[0].self_attn.step_rotation(offsets, x.dtype)
-        positions = [offsets] if b == 1 else [offsets[r:r + 1] for r in range(b)]
+        # One entry of kinds for all B rows (stacked caches, or B == 1): all positions at
+        # once; else one per row.
+        positions = [offsets] if len(kinds) == 1 else [offsets[r:r + 1] for r in range(b)]
         masks: list[dict] = [{} for _ in kinds]
         out: list[list] = [[None] * n for _ in kinds]
         for i, layer in enumerate(self.layers):
@@ -680,7 +706,11 @@ class Model(nn.Module):
         x = self.embed(tokens.reshape(-1, 1))
         if all(self._fixed_step_ready(rows) for rows in caches):
             offsets = mx.array([rows[0].offset for rows in caches])
-            return self.head(self.model.norm(self._compiled_step(x, caches, offsets)))[:, -1, :]
+            if len(caches) > 1 and StackedRows.can_stack(caches):
+                x = self._stacked_step(x, caches, offsets)
+            else:
+                x = self._compiled_step(x, caches, offsets)
+            return self.head(self.model.norm(x))[:, -1, :]
         window = self.config.sliding_window
         masks = {sliding: [attention_mask(1, rows[i].offset, rows[i].length,
                                           window if sliding else None) for rows in caches]

@@ -148,8 +148,15 @@ def test_overhead_mode_measures_every_variant_in_fresh_processes(tmp_path):
     from mlx_gptoss.benchmark import OverheadSettings, format_overhead_table, run_overhead
 
     settings = OverheadSettings(depths=(2,), prompt_tokens=4, decode_tokens=2, repeats=1,
-                                processes=1, cache_dir=tmp_path)
+                                processes=1, cache_dir=tmp_path, rows=(1, 3), row_steps=2)
     results = run_overhead(settings, log=lambda _: None)
+    # The batched step, stacked and per row, at each batch size.
+    assert set(results["rows"]) == {"layers", "steps", "stacked", "per-row"}
+    assert all(set(results["rows"][label]) == {"1", "3"} and
+               all(v["step_ms"] > 0 and v["cpu_ms"] > 0
+                   for v in results["rows"][label].values())
+               for label in ("stacked", "per-row"))
+    assert "| stacked ms/step, wall |" in format_overhead_table(results)
     row = results["depths"]["2"]
     assert set(row) == {f"{OURS} [default]", f"{OURS} [bfloat16]", MLX_LM}
     assert all(v["decode_ms"] > 0 and len(v["process_ms"]) == 1 for v in row.values())

@@ -119,14 +119,18 @@ def test_compiled_step_reads_the_current_weights(checkpoint_factory, plain_only)
     np.testing.assert_allclose(after, plain, atol=1e-5)
 
 
-def test_batched_rows_equal_the_plain_batched_step(tiny_model, plain_only):
-    """`step_rows` over rows of different lengths (one crossing its 256-position buffer):
-    the compiled step gives each row what the plain per-row attention gives."""
+@pytest.mark.parametrize("slacks", [(2, 2, 2), (2, 0, 3)], ids=["stacked", "per-row"])
+def test_batched_rows_equal_the_plain_batched_step(tiny_model, plain_only, slacks):
+    """`step_rows` over rows of different lengths (one crossing its 256-position buffer,
+    so the stack grows mid-run): the compiled step gives each row what the plain per-row
+    attention gives, whether the rows' caches are stacked into one buffer per layer (same
+    ring sizes) or attend one by one (different slacks, different ring sizes)."""
     model = tiny_model
+
     def run() -> list[np.ndarray]:
         rows = []
-        for n, seed in ((250, 1), (20, 2), (9, 3)):
-            caches = model.make_cache(sliding_slack=2)
+        for n, seed, slack in zip((250, 20, 9), (1, 2, 3), slacks):
+            caches = model.make_cache(sliding_slack=slack)
             prefill(model, random_tokens(n, seed), caches)
             rows.append(caches)
         tokens, out = mx.array([3, 4, 5]), []
@@ -138,9 +142,43 @@ def test_batched_rows_equal_the_plain_batched_step(tiny_model, plain_only):
 
     model._fixed_steps.clear()
     compiled = run()
-    assert any(len(kinds) == 3 for kinds, _ in model._fixed_steps)  # the batched trace ran
+    batches = {shapes[0][0] for kinds, shapes in model._fixed_steps}
+    stacked = slacks[0] == slacks[1]
+    assert batches == ({3} if stacked else {1})  # buffers [3, ...] stacked, else per row
     plain_only()
     plain = run()
+    for a, b in zip(compiled, plain):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_stacked_rows_give_their_caches_back_exactly(tiny_model, plain_only):
+    """Rows decoded stacked, then read on their own (a fork, a trim, a snapshot, a row
+    leaving the batch): each cache holds what the plain path wrote, and the remaining rows
+    go on stacked anew."""
+    model = tiny_model
+
+    def run():
+        rows = [PromptCache(model.make_cache(sliding_slack=3)) for _ in range(3)]
+        for n, row in zip((30, 12, 17), rows):
+            prefill(model, random_tokens(n, seed=n), row.layers)
+        tokens, out = mx.array([1, 2, 3]), []
+        for step in range(8):
+            live = rows if step < 4 else rows[:2]  # the third row leaves after 4 steps
+            logits = model.step_rows(tokens[:len(live)], [r.layers for r in live])
+            out.append(np.array(logits))
+            tokens = mx.argmax(logits, axis=-1)
+            if step == 5:  # a fork of row 0 decoded alone
+                fork = rows[0].fork()
+                out += decode(model, fork.layers, mx.array([4]), 3)
+        for row in rows:
+            for layer in row.layers:
+                out.append(np.array(layer.state[0]))
+        return out
+
+    compiled = run()
+    plain_only()
+    plain = run()
+    assert len(compiled) == len(plain)
     for a, b in zip(compiled, plain):
         np.testing.assert_allclose(a, b, atol=1e-5)
 

@@ -51,6 +51,8 @@ def bench(
     depths: str = typer.Option("24,36", "--depths", help="--overhead: layer counts."),
     processes: int = typer.Option(3, "--processes", min=1,
                                   help="--overhead: fresh processes per variant and depth."),
+    rows: str = typer.Option("1,2,4,8", "--rows",
+                             help="--overhead: batch sizes of the batched step ('none': skip)."),
 ) -> None:
     """Prefill/decode speed, memory, load time and prompt-cache TTFT, side by side."""
     from ..benchmark import (
@@ -72,7 +74,8 @@ def bench(
             depths=_sizes(depths, "--depths"), decode_tokens=decode_tokens or 64,
             repeats=repeats or 5, processes=processes,
             dtypes=(dtype,) if dtype is not None else OverheadSettings.dtypes,
-            compare=compare, cache_dir=cache_dir)
+            compare=compare, cache_dir=cache_dir,
+            rows=() if rows.strip().lower() == "none" else _sizes(rows, "--rows"))
         results = run_overhead(osettings, log=lambda line: typer.echo(line, err=True))
         write_results(results, out)
         typer.echo(format_overhead_table(results))
