@@ -78,6 +78,10 @@ class RingStep:
         return position % size, age < self.window
 
 
+_FULL_STEP = FullStep()
+_ring_step = lru_cache(maxsize=None)(RingStep)  # one per window: asked for every step
+
+
 class KVCache:
     """Keys and values of every position so far, grown in steps to avoid a copy per token."""
 
@@ -157,7 +161,7 @@ class KVCache:
         return self.keys, self.values
 
     def step_kind(self) -> "FullStep":
-        return FullStep()
+        return _FULL_STEP
 
     def step_commit(self, keys: mx.array, values: mx.array) -> None:
         self.keys, self.values = keys, values
@@ -403,7 +407,7 @@ class SlidingWindowCache:
         return self._ring
 
     def step_kind(self) -> "RingStep":
-        return RingStep(self.window)
+        return _ring_step(self.window)
 
     def step_commit(self, keys: mx.array, values: mx.array) -> None:
         self._ring = (keys, values)
