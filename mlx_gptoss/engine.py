@@ -6,7 +6,8 @@ Each step (`Engine.step`):
 2. prefills one chunk (at most `prefill_chunk` tokens) of one admitted request, so a long
    prompt never stalls the others for more than one chunk;
 3. decodes one token for every running row in one batched forward pass
-   (`Model.step_rows`: per-row offsets and caches, everything but attention batched);
+   (`Model.step_rows`: per-row offsets, the rows' caches stacked into one buffer per layer
+   while the rows stay the same, so a step costs the same graph at 8 rows as at 1);
 4. samples every row that has fresh logits with its own logits processors, sampler and seed,
    evaluates all the tokens at once, and delivers them (`Request.on_token`, in this thread).
 
