@@ -261,3 +261,36 @@ def test_composed_attention_equals_mlx_sdpa_with_sinks_and_a_mask():
                                  sinks.reshape(1, kv, groups, 1))
         np.testing.assert_allclose(np.array(got.reshape(expected.shape)), np.array(expected),
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_the_stacked_step_graph_does_not_grow_with_the_rows(tiny_model, tmp_path):
+    """Per-step cost is per batch: the compiled step over stacked rows has as many graph
+    nodes at 5 rows as at 2 (each row's own attention would add a dozen per layer)."""
+    import re
+
+    from mlx_gptoss.cache import StackedRows
+
+    model = tiny_model
+
+    def nodes(batch: int) -> int:
+        rows = []
+        for r in range(batch):
+            caches = model.make_cache(sliding_slack=2)
+            prefill(model, random_tokens(20 + 3 * r, seed=r), caches)
+            rows.append(caches)
+        stack = StackedRows(rows)
+        states = stack.step_state()
+        mx.eval(states)
+        kinds = (tuple(c.step_kind() for c in rows[0]),)
+        x = model.embed(mx.zeros((batch, 1), mx.int32))
+        offsets = mx.array([r[0].offset for r in rows])
+        mx.eval(x, offsets)
+        out, buffers = model._step_for(kinds, states)(x, offsets, states)
+        path = tmp_path / f"step-{batch}.dot"
+        mx.export_to_dot(str(path), out, *[b for pair in buffers for b in pair])
+        stack.release()
+        return len(re.findall(r'label ="', path.read_text()))
+
+    two, five = nodes(2), nodes(5)
+    assert two > 10 * len(model.layers)  # the whole step was traced
+    assert five == two
