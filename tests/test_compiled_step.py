@@ -294,3 +294,37 @@ def test_the_stacked_step_graph_does_not_grow_with_the_rows(tiny_model, tmp_path
     two, five = nodes(2), nodes(5)
     assert two > 10 * len(model.layers)  # the whole step was traced
     assert five == two
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_fast_kernel_step_equals_the_plain_path(tiny_model, plain_only, monkeypatch, batch):
+    """The step as it runs where MLX has RoPE and attention kernels (Metal, CUDA): the same
+    results, checked here by making the CPU take that branch (MLX then composes its fast ops
+    itself, so the branch's logic is what is tested)."""
+    import mlx_gptoss.model as model_module
+
+    monkeypatch.setattr(model_module, "composes_fast_ops", lambda: False)
+    model = tiny_model
+    model._fixed_steps.clear()
+
+    def run() -> list[np.ndarray]:
+        rows = []
+        for r in range(batch):
+            caches = model.make_cache(sliding_slack=2)
+            prefill(model, random_tokens(30 + 5 * r, seed=r), caches)
+            rows.append(caches)
+        tokens, out = mx.arange(batch), []
+        for _ in range(6):
+            logits = (model.step_rows(tokens, rows) if batch > 1 else
+                      model(tokens.reshape(1, 1), cache=rows[0])[:, -1, :])
+            out.append(np.array(logits))
+            tokens = mx.argmax(logits, axis=-1)
+        return out
+
+    compiled = run()
+    assert model._fixed_steps  # the compiled step ran
+    model._fixed_steps.clear()  # traces of this branch must not serve later tests
+    plain_only()
+    plain = run()
+    for a, b in zip(compiled, plain):
+        np.testing.assert_allclose(a, b, atol=1e-5)
