@@ -501,7 +501,7 @@ class StackedRows:
         self.broken = False
         self.buffers: list[tuple[mx.array, mx.array]] = []
         for i in range(len(self.rows[0])):
-            states = [row[i].step_state() for row in self.rows]
+            states = [_stacked_state(row[i]) for row in self.rows]
             slots = max(k.shape[2] for k, _ in states)
             self.buffers.append(tuple(
                 mx.concatenate([_padded(st[j], slots) for st in states], axis=0)
@@ -553,12 +553,24 @@ class StackedRows:
         return mx.contiguous(keys[row:row + 1]), mx.contiguous(values[row:row + 1])
 
     def release(self) -> None:
-        """Every row takes its buffers back (before the batch changes)."""
+        """Every row still here takes its buffers back (when the batch changes: the rows
+        that go on were moved to the new stack first)."""
         for row in self.rows:
             for cache in row:
                 if cache._stack is not None and cache._stack[0] is self:
                     cache._unstack()
         self.buffers = []
+
+
+def _stacked_state(cache: Any) -> tuple[mx.array, mx.array]:
+    """A layer cache's step buffers for a new stack: a row still in an older stack lends
+    its slice of that stack's buffers (a view: the new stack's concatenation is then the
+    only copy), any other its own `step_state`."""
+    if cache._stack is None:
+        return cache.step_state()
+    stack, row, layer = cache._stack
+    keys, values = stack.buffers[layer]
+    return keys[row:row + 1], values[row:row + 1]
 
 
 def _padded(a: mx.array, slots: int) -> mx.array:

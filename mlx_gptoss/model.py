@@ -668,9 +668,9 @@ class Model(nn.Module):
         with one scatter and attends them with one product, whatever B."""
         stack = self._stack
         if stack is None or not stack.holds(caches):
-            if stack is not None:
-                stack.release()
-            stack = StackedRows(caches)
+            old, stack = stack, StackedRows(caches)  # the rows that go on move over first
+            if old is not None:
+                old.release()  # the others take their buffers back
             object.__setattr__(self, "_stack", stack)
         states = stack.step_state()
         kinds = (tuple(c.step_kind() for c in caches[0]),)
