@@ -155,6 +155,14 @@ class KVCache:
     def fixed_step_ready(self) -> bool:
         return self._stack is not None or self._keys is not None
 
+    @property
+    def slots(self) -> int:
+        """Positions the buffer has room for (the stack's, while stacked)."""
+        if self._stack is not None:
+            stack, _, layer = self._stack
+            return stack.buffers[layer][0].shape[2]
+        return 0 if self._keys is None else self._keys.shape[2]
+
     def step_state(self) -> tuple[mx.array, mx.array]:
         """The keys and values buffers, with room for one more position."""
         self._reserve(self.offset + 1, self.keys, self.values)
@@ -515,12 +523,23 @@ class StackedRows:
 
     @staticmethod
     def can_stack(rows: Sequence[Sequence[Any]]) -> bool:
-        """Rows whose layers step the same way, with the same ring sizes."""
+        """Rows whose layers step the same way, with the same ring sizes, and lengths close
+        enough that padding every full layer to the longest row at most doubles their
+        memory (one long context among short ones would multiply it: those rows attend one
+        by one instead), or all short (`SHORT_SLOTS`)."""
         first = rows[0]
-        return all(len(row) == len(first) and all(
+        alike = all(len(row) == len(first) and all(
             c.step_kind() == f.step_kind() and type(c) is type(f)
             and getattr(c, "ring_size", None) == getattr(f, "ring_size", None)
             for c, f in zip(row, first)) for row in rows[1:])
+        full = next((i for i, c in enumerate(first) if isinstance(c, KVCache)), None)
+        if not alike or full is None:
+            return alike
+        slots = [row[full].slots for row in rows]
+        return max(slots) <= StackedRows.SHORT_SLOTS or len(slots) * max(slots) <= 2 * sum(slots)
+
+    # Below this many positions per row, stacking's padding costs little whatever the mix.
+    SHORT_SLOTS = 1024
 
     def holds(self, rows: Sequence[Sequence[Any]]) -> bool:
         """Whether this stack is still exactly these rows' caches, in this order."""

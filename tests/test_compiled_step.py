@@ -328,3 +328,24 @@ def test_the_fast_kernel_step_equals_the_plain_path(tiny_model, plain_only, monk
     plain = run()
     for a, b in zip(compiled, plain):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_rows_of_very_different_lengths_are_not_stacked(tiny_model, monkeypatch):
+    """Padding every full layer to a long row would multiply the short rows' memory: such a
+    batch attends row by row (same results), a batch of similar lengths stacks."""
+    from mlx_gptoss.cache import StackedRows
+
+    monkeypatch.setattr(StackedRows, "SHORT_SLOTS", 256)
+    model = tiny_model
+
+    def rows(*lengths):
+        out = []
+        for n in lengths:
+            caches = model.make_cache()
+            prefill(model, random_tokens(n, seed=n), caches)
+            out.append(caches)
+        return out
+
+    assert StackedRows.can_stack(rows(300, 400, 290))  # 512 slots each: no padding
+    assert not StackedRows.can_stack(rows(1100, 20, 30, 40))  # 1280 vs 256: 4 x 1280 > 2 x 2048
+    assert StackedRows.can_stack(rows(20, 30))  # short rows always stack
