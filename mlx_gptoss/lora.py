@@ -155,13 +155,16 @@ class LoRASwitchLinear(nn.Module):
         self.scale = scale
 
     def __call__(self, x: mx.array, experts: mx.array, sorted_experts: bool,
-                 rows: mx.array | None = None) -> mx.array:
-        y = self.base(x, experts, sorted_experts, rows)
+                 rows: mx.array | None = None, bias: bool = True) -> mx.array:
+        y = self.base(x, experts, sorted_experts, rows, bias)
         z = mx.gather_mm(x, self.lora_a.swapaxes(-1, -2), lhs_indices=rows,
                          rhs_indices=experts, sorted_indices=sorted_experts)
         z = mx.gather_mm(z, self.lora_b.swapaxes(-1, -2), rhs_indices=experts,
                          sorted_indices=sorted_experts)
         return y + (self.scale * z).astype(y.dtype)
+
+    def bias_rows(self, experts: mx.array) -> mx.array:
+        return self.base.bias_rows(experts)
 
     def delta(self) -> mx.array:
         """The dense per-expert update `[E, out, in]` (for fusing)."""

@@ -295,11 +295,16 @@ class SwitchLinear(nn.Module):
         raise NotImplementedError
 
     def __call__(self, x: mx.array, experts: mx.array, sorted_experts: bool,
-                 rows: mx.array | None = None) -> mx.array:
+                 rows: mx.array | None = None, bias: bool = True) -> mx.array:
         """`rows`: which row of `x` each `experts` entry multiplies (`gather_qmm`'s
-        `lhs_indices`); None builds the default in every product, so `Experts` passes one."""
+        `lhs_indices`); None builds the default in every product, so `Experts` passes one.
+        `bias=False` leaves the bias to the caller (`bias_rows`), to add it in a fused kernel."""
         y = self.product(x, experts, sorted_experts, rows)
-        return y + mx.expand_dims(self.bias[experts], -2)
+        return y + self.bias_rows(experts) if bias else y
+
+    def bias_rows(self, experts: mx.array) -> mx.array:
+        """The chosen experts' biases, `[..., k, 1, out]` like the products."""
+        return mx.expand_dims(self.bias[experts], -2)
 
 
 class MXFP4SwitchLinear(SwitchLinear):
@@ -362,10 +367,12 @@ def switch_linear(cfg: ModelConfig, input_dims: int, output_dims: int) -> Switch
 
 
 @partial(mx.compile, shapeless=True)
-def clamped_swiglu(gate: mx.array, up: mx.array, limit: float, alpha: float) -> mx.array:
-    """gpt-oss's SwiGLU: gate clamped above, up clamped both ways; compiled into one kernel."""
-    gate = mx.minimum(gate, limit)
-    up = mx.clip(up, -limit, limit)
+def clamped_swiglu(gate: mx.array, up: mx.array, gate_bias: mx.array, up_bias: mx.array,
+                   limit: float, alpha: float) -> mx.array:
+    """gpt-oss's SwiGLU on the biased gate and up halves: gate clamped above, up clamped both
+    ways; compiled into one kernel with the bias additions."""
+    gate = mx.minimum(gate + gate_bias, limit)
+    up = mx.clip(up + up_bias, -limit, limit)
     return (up + 1) * (gate * mx.sigmoid(alpha * gate))
 
 
@@ -406,9 +413,9 @@ class Experts(nn.Module):
             inputs = mx.expand_dims(x, -2)  # [N, 1, H]
             up_rows, down_rows = _pair_rows(n, k)
             experts_used = experts
-        h = self.gate_up(inputs, experts_used, sort, up_rows)
-        h = clamped_swiglu(h[..., : self.intermediate], h[..., self.intermediate:],
-                           self.limit, self.alpha)
+        h = self.gate_up(inputs, experts_used, sort, up_rows, bias=False)
+        b, i = self.gate_up.bias_rows(experts_used), self.intermediate
+        h = clamped_swiglu(h[..., :i], h[..., i:], b[..., :i], b[..., i:], self.limit, self.alpha)
         y = self.down(h, experts_used, sort, down_rows).squeeze(-2)
         if sort:
             y = y[unsort].reshape(n, k, -1)
