@@ -64,22 +64,25 @@ class FullStep:
 @dataclass(frozen=True)
 class RingStep:
     """The same for a sliding layer's ring (`SlidingWindowCache.step_state`): the new
-    position into slot `position % ring size`; slot s then holds position
-    `position - (position - s) % ring size`, and the query sees the last `window` of them,
-    which is every slot when the cache has no slack (no mask)."""
+    position into slot `position % ring size`; slot s then holds the position `age` =
+    `(position - s) % ring size` before it, and the query sees the last `window` positions
+    that exist (`age < window` and `age <= position`). `masked` is False when that is every
+    slot (no slack, a full window): no mask at all."""
 
     window: int
+    masked: bool = True
 
     def prepare(self, state: tuple, position: mx.array) -> tuple[mx.array, mx.array | None]:
         size = state[0].shape[2]
-        if size == self.window:
+        if not self.masked:
             return position % size, None
-        age = (position.reshape(-1, 1, 1, 1) - _slots(size)) % size
-        return position % size, age < self.window
+        position = position.reshape(-1, 1, 1, 1)
+        age = (position - _slots(size)) % size
+        return position.reshape(-1) % size, (age < self.window) & (age <= position)
 
 
 _FULL_STEP = FullStep()
-_ring_step = lru_cache(maxsize=None)(RingStep)  # one per window: asked for every step
+_ring_step = lru_cache(maxsize=None)(RingStep)  # asked for every step: made once each
 
 
 class KVCache:
@@ -393,10 +396,9 @@ class SlidingWindowCache:
         self._ring = None
 
     def fixed_step_ready(self) -> bool:
-        """Once `window - 1` keys are held: then the next query sees exactly them and its
-        own, the same shapes every token, so the compiled step traces once; before, the
-        plain path runs."""
-        return self.window > 1 and self._held >= self.window - 1
+        """Once anything is held: the ring has its size from the first token on (the
+        positions that do not exist yet are masked, `RingStep`)."""
+        return self.window > 1 and (self._held > 0 or self._stack is not None)
 
     def step_state(self) -> tuple[mx.array, mx.array]:
         """The ring (entered now if the cache is ordered). Padded in front with zeros to
@@ -415,7 +417,8 @@ class SlidingWindowCache:
         return self._ring
 
     def step_kind(self) -> "RingStep":
-        return _ring_step(self.window)
+        full = self.ring_size == self.window and self.offset >= self.window - 1
+        return _ring_step(self.window, not full)
 
     def step_commit(self, keys: mx.array, values: mx.array) -> None:
         self._ring = (keys, values)
@@ -529,7 +532,7 @@ class StackedRows:
         by one instead), or all short (`SHORT_SLOTS`)."""
         first = rows[0]
         alike = all(len(row) == len(first) and all(
-            c.step_kind() == f.step_kind() and type(c) is type(f)
+            type(c) is type(f) and getattr(c, "window", None) == getattr(f, "window", None)
             and getattr(c, "ring_size", None) == getattr(f, "ring_size", None)
             for c, f in zip(row, first)) for row in rows[1:])
         full = next((i for i, c in enumerate(first) if isinstance(c, KVCache)), None)
@@ -540,6 +543,16 @@ class StackedRows:
 
     # Below this many positions per row, stacking's padding costs little whatever the mix.
     SHORT_SLOTS = 1024
+
+    def step_kinds(self) -> tuple:
+        """Each layer's step kind for all rows: a sliding layer is masked if any row's is."""
+        kinds = []
+        for layer in zip(*self.rows):
+            kind = layer[0].step_kind()
+            if isinstance(kind, RingStep) and not kind.masked:
+                kind = next((k for k in (c.step_kind() for c in layer) if k.masked), kind)
+            kinds.append(kind)
+        return tuple(kinds)
 
     def holds(self, rows: Sequence[Sequence[Any]]) -> bool:
         """Whether this stack is still exactly these rows' caches, in this order."""

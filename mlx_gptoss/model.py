@@ -680,7 +680,7 @@ class Model(nn.Module):
                 old.release()  # the others take their buffers back
             object.__setattr__(self, "_stack", stack)
         states = stack.step_state()
-        kinds = (tuple(c.step_kind() for c in caches[0]),)
+        kinds = (stack.step_kinds(),)
         step = self._step_for(kinds, states)
         x, buffers = step(x, offsets, states)
         stack.step_commit(buffers)

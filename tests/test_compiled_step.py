@@ -90,14 +90,47 @@ def test_prompt_cache_forks_and_trims_after_compiled_steps(tiny_model, plain_onl
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_quantized_and_unfilled_caches_take_the_plain_path(tiny_model):
-    model = tiny_model
+def test_quantized_caches_take_the_plain_path():
     quantized = QuantizedKVCache(8, 32)
     quantized.update_and_fetch(*[mx.ones((1, 2, 4, 32))] * 2)
     assert not quantized.fixed_step_ready()  # packed keys: its own attention, not the step's
-    short = model.make_cache()
-    prefill(model, random_tokens(3), short)  # fewer positions than the window: not yet fixed-shape
-    assert not all(c.fixed_step_ready() for c in short)
+
+
+@pytest.mark.parametrize("slack", [0, 3])
+def test_a_window_not_yet_full_decodes_compiled_as_the_plain_path(tiny_model, plain_only,
+                                                                  slack):
+    """A 3-token prompt, shorter than the window (8): the ring has its size from the start
+    and masks the positions that do not exist yet, while the window fills and after."""
+    model = tiny_model
+    model._fixed_steps.clear()
+    compiled, plain = compiled_then_plain(model, plain_only, 3, 12, slack=slack)
+    assert model._fixed_steps  # the compiled step ran from the first token
+    for a, b in zip(compiled, plain):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_a_short_row_stacks_with_long_ones(tiny_model, plain_only):
+    model = tiny_model
+
+    def run():
+        rows = []
+        for n, seed in ((2, 1), (40, 2), (5, 3)):
+            caches = model.make_cache(sliding_slack=2)
+            prefill(model, random_tokens(n, seed), caches)
+            rows.append(caches)
+        tokens, out = mx.array([3, 4, 5]), []
+        for _ in range(10):
+            logits = model.step_rows(tokens, rows)
+            out.append(np.array(logits))
+            tokens = mx.argmax(logits, axis=-1)
+        return out
+
+    model._fixed_steps.clear()
+    compiled = run()
+    assert {shapes[0][0] for _, shapes in model._fixed_steps} == {3}  # stacked throughout
+    plain_only()
+    for a, b in zip(compiled, run()):
+        np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_compiled_step_reads_the_current_weights(checkpoint_factory, plain_only):
