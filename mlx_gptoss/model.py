@@ -643,10 +643,10 @@ class Model(nn.Module):
         one compiled graph, the cache writes inside.
 
         Each cache hands out fixed-shape buffers (a full layer's grow 256 positions at a time,
-        a sliding layer's window never changes), so the graph is traced once per growth step
-        (or change of the batch's rows) and replayed per token: no Python per layer or row but
-        handing buffers in and out, and MLX fuses across the layers' boundaries. The math is
-        the blocks' own (`fixed_step`)."""
+        a sliding layer's ring never changes), so the graph is traced once per growth step
+        (or change of the batch's rows, or a window's filling) and replayed per token: no
+        Python per layer or row but handing buffers in and out, and MLX fuses across the
+        layers' boundaries. `Attention.one_token` is the attention; the rest is the blocks'."""
         kinds = tuple(tuple(c.step_kind() for c in row) for row in caches)
         flat = [c for row in caches for c in row]
         states = [c.step_state() for c in flat]
