@@ -102,11 +102,111 @@ def _checkpointed(layer: nn.Module) -> Callable:
     return run
 
 
+# Vocabulary rows per slice of the BLAS head (`_blas_head_loss`): one float32 slice of the
+# matrix (8192 x 2880 x 4 B = 94 MB at 20b widths) and its logits exist at a time.
+HEAD_SLICE = 8192
+
+
+def head_matrix(model: Model) -> mx.array | None:
+    """The dense vocabulary matrix `[vocab, hidden]` the head multiplies, or None when the
+    head is quantized (only MLX's kernels multiply those)."""
+    if model.config.tie_word_embeddings:
+        head = model.model.embed_tokens
+        return head.weight if type(head) is nn.Embedding else None
+    head = model.lm_head
+    return head.weight if type(head) is nn.Linear and "bias" not in head else None
+
+
+def head_kernel(model: Model, kernel: str = "auto") -> str:
+    """"blas" or "mlx": who multiplies the vocabulary head in the loss.
+
+    "auto" picks "blas" on MLX's CPU device: its float32 GEMM is the bundled reference BLAS
+    (1.7 GFLOP/s measured for `x @ W.T` at 128 x 2880 x 16384, 2.9 for `g @ W`) and its bf16
+    GEMM 3.5 GFLOP/s, while numpy's bundled OpenBLAS does the same float32 products at about
+    100 GFLOP/s on the same 2 cores (benchmarks/README.md, "LoRA training step"). The head is
+    frozen, so the loss needs only its value and its gradient in the activations, which
+    `_blas_head_loss` computes exactly in float32. GPUs keep MLX's kernels.
+    """
+    if kernel not in ("auto", "blas", "mlx"):
+        raise ValueError(f"head kernel must be auto, blas or mlx, not {kernel!r}")
+    if kernel == "auto":
+        kernel = "blas" if mx.default_device() == mx.cpu else "mlx"
+    return kernel if head_matrix(model) is not None else "mlx"
+
+
+def _blas_head_loss(h: mx.array, targets: mx.array, weight: mx.array, with_grad: bool,
+                    slice_rows: int = HEAD_SLICE) -> tuple[np.ndarray, np.ndarray | None]:
+    """Sum over rows of `logsumexp(h W^T) - h . W[target]` and its gradient in h, float32,
+    through numpy's BLAS, one vocabulary slice at a time (an online logsumexp, as flash
+    attention's softmax): neither the logits nor a float32 copy of W ever exist whole.
+
+    With `m` the running maximum and `s = sum exp(l - m)`, the gradient
+    `softmax(l) W - W[target]` accumulates as `acc = sum exp(l - m) W_slice`, rescaled
+    whenever `m` grows, and is `acc / s - W[target]` at the end: one product per slice for
+    the value and one more for the gradient, the two the loss needs anyway.
+    """
+    x = np.asarray(h.astype(mx.float32))
+    n = x.shape[0]
+    top = np.full(n, -np.inf, dtype=np.float32)
+    total = np.zeros(n, dtype=np.float32)
+    acc = np.zeros_like(x) if with_grad else None
+    for start in range(0, weight.shape[0], slice_rows):
+        w = np.asarray(weight[start:start + slice_rows].astype(mx.float32))
+        logits = x @ w.T
+        new_top = np.maximum(top, logits.max(axis=1))
+        rescale = np.exp(top - new_top)
+        np.subtract(logits, new_top[:, None], out=logits)
+        np.exp(logits, out=logits)
+        total = total * rescale + logits.sum(axis=1)
+        if acc is not None:
+            acc *= rescale[:, None]
+            acc += logits @ w
+        top = new_top
+    rows = np.asarray(weight[targets].astype(mx.float32))
+    loss = (top + np.log(total) - np.einsum("nh,nh->n", x, rows)).sum(dtype=np.float32)
+    grad = acc / total[:, None] - rows if acc is not None else None
+    return loss, grad
+
+
+def _blas_chunk_loss(weight: mx.array, targets: mx.array, with_grad: bool) -> Callable:
+    """`h -> loss` through `_blas_head_loss`, differentiable in h: the gradient is computed
+    with the value when `with_grad` (training), else by a second pass if asked for."""
+    found: dict[str, np.ndarray] = {}
+
+    @mx.custom_function
+    def run(h: mx.array) -> mx.array:
+        loss, grad = _blas_head_loss(h, targets, weight, with_grad)
+        if grad is not None:
+            found["grad"] = grad
+        return mx.array(loss, dtype=mx.float32)
+
+    @run.vjp
+    def run_vjp(h: mx.array, cotangent: mx.array, _output: mx.array) -> mx.array:
+        grad = found.pop("grad", None)
+        if grad is None:
+            grad = _blas_head_loss(h, targets, weight, True)[1]
+        return (mx.array(grad) * cotangent).astype(h.dtype)
+
+    return run
+
+
 def loss_sum(model: Model, batch: Batch, *, chunk: int = 1024,
-             grad_checkpoint: bool = False) -> mx.array:
-    """Sum over the batch's trained tokens of -log p(target) (float32)."""
+             grad_checkpoint: bool = False, head: str = "auto",
+             with_grad: bool = False) -> mx.array:
+    """Sum over the batch's trained tokens of -log p(target) (float32).
+
+    `head` chooses the vocabulary head's kernel (`head_kernel`); `with_grad` says the caller
+    differentiates the result (the BLAS head then computes its gradient in the same pass).
+    """
     h = model.features(batch.inputs, wrap_layer=_checkpointed if grad_checkpoint else None)
     h = h.reshape(-1, h.shape[-1])[batch.positions]
+    if head_kernel(model, head) == "blas":
+        weight = head_matrix(model)
+        total = mx.array(0.0, dtype=mx.float32)
+        for start in range(0, h.shape[0], chunk):
+            run = _blas_chunk_loss(weight, batch.targets[start:start + chunk], with_grad)
+            total = total + run(h[start:start + chunk])
+        return total
 
     # Several chunks recompute their logits in the backward pass, so that one chunk's exist at
     # a time; a single chunk's logits would coexist with their gradient either way, and
@@ -128,10 +228,12 @@ def loss_sum(model: Model, batch: Batch, *, chunk: int = 1024,
 
 
 def loss_and_grad(model: Model, batches: Sequence[Batch], *, chunk: int = 1024,
-                  grad_checkpoint: bool = False) -> tuple[mx.array, dict, int]:
+                  grad_checkpoint: bool = False, head: str = "auto"
+                  ) -> tuple[mx.array, dict, int]:
     """Mean loss over all trained tokens of `batches` and its gradient wrt the adapters."""
     value_and_grad = nn.value_and_grad(
-        model, lambda b: loss_sum(model, b, chunk=chunk, grad_checkpoint=grad_checkpoint))
+        model, lambda b: loss_sum(model, b, chunk=chunk, grad_checkpoint=grad_checkpoint,
+                                  head=head, with_grad=True))
     total, grads, tokens = mx.array(0.0), None, 0
     for batch in batches:
         loss, g = value_and_grad(batch)

@@ -169,3 +169,76 @@ def test_train_resume_on_a_small_vocabulary(checkpoint_factory, tmp_path):
     shutil.rmtree(tmp_path / "checkpoint-0000004")
     resumed, _ = run(resume=True)
     np.testing.assert_allclose(resumed, losses[2:], rtol=1e-5)
+
+
+# ---- the vocabulary head's kernels (train.head_kernel) ------------------------------------
+
+
+def _float64_head_loss(h, w, targets):
+    logits = h.astype(np.float64) @ w.astype(np.float64).T
+    top = logits.max(axis=1, keepdims=True)
+    p = np.exp(logits - top)
+    lse = top[:, 0] + np.log(p.sum(axis=1))
+    p /= p.sum(axis=1, keepdims=True)
+    p[np.arange(len(targets)), targets] -= 1
+    return (lse - logits[np.arange(len(targets)), targets]).sum(), p @ w.astype(np.float64)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("slice_rows", [7, 64])
+def test_blas_head_loss_equals_a_float64_oracle(dtype, slice_rows):
+    from mlx_gptoss.train import _blas_head_loss
+
+    rng = np.random.default_rng(3)
+    h = rng.normal(size=(6, 16)).astype(np.float32)
+    # Rows growing along the vocabulary: the running maximum rises from slice to slice, so
+    # the online logsumexp's rescaling is exercised.
+    w = (rng.normal(size=(37, 16)) * np.linspace(0.2, 2.0, 37)[:, None]).astype(np.float32)
+    weight = mx.array(w).astype(dtype)
+    targets = np.array([0, 36, 5, 5, 20, 8], dtype=np.int32)
+    loss, grad = _blas_head_loss(mx.array(h), mx.array(targets), weight, True, slice_rows)
+    want_loss, want_grad = _float64_head_loss(h, np.array(weight.astype(mx.float32)), targets)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-5)
+    value_only, none = _blas_head_loss(mx.array(h), mx.array(targets), weight, False, slice_rows)
+    assert none is None and value_only == loss
+
+
+def test_head_kernels_agree_on_the_loss_and_every_gradient(small_model):
+    from mlx.utils import tree_flatten
+
+    from mlx_gptoss.train import head_kernel, loss_and_grad
+
+    assert head_kernel(small_model) == "blas"  # the tests run on MLX's CPU device
+    batch = make_batch(random_examples(4, (13, 8, 10)))
+    for chunk in (4, 1024):
+        mlx_loss, mlx_grads, _ = loss_and_grad(small_model, [batch], chunk=chunk, head="mlx")
+        blas_loss, blas_grads, _ = loss_and_grad(small_model, [batch], chunk=chunk, head="blas")
+        np.testing.assert_allclose(blas_loss.item(), mlx_loss.item(), rtol=1e-5)
+        want = dict(tree_flatten(mlx_grads))
+        for name, g in tree_flatten(blas_grads):
+            assert np.abs(np.array(want[name])).max() > 0
+            np.testing.assert_allclose(np.array(g), np.array(want[name]), rtol=1e-4, atol=1e-7)
+    # Differentiated without `with_grad` (a caller of loss_sum), the head recomputes its
+    # gradient in its VJP: the same gradients (of the sum, not the mean).
+    import mlx.nn as nn
+
+    _, again = nn.value_and_grad(small_model, lambda b: loss_sum(small_model, b, head="blas"))(
+        batch)
+    for name, g in tree_flatten(again):
+        np.testing.assert_allclose(np.array(g) / batch.tokens, np.array(want[name]), rtol=1e-4,
+                                   atol=1e-7)
+
+
+def test_a_quantized_head_stays_on_mlx(checkpoint_factory):
+    import mlx.nn as nn
+
+    from mlx_gptoss.train import head_kernel, head_matrix
+
+    model, _ = load(checkpoint_factory("lora_accumulate", seed=2, num_hidden_layers=2),
+                    "float32")
+    assert head_matrix(model) is model.lm_head.weight
+    model.lm_head = nn.QuantizedLinear.from_linear(model.lm_head, group_size=32, bits=8)
+    assert head_matrix(model) is None and head_kernel(model, "blas") == "mlx"
+    with pytest.raises(ValueError, match="head kernel"):
+        head_kernel(model, "numpy")
