@@ -211,6 +211,7 @@ def apply_lora(model: Model, config: LoraConfig) -> Model:
         else:
             layer = LoRALinear(base, rank, scale, config.dropout)
         layer.base.freeze()
+        layer.train(model.training)  # a new module trains by default; follow the model's mode
         setattr(parent, leaf, layer)
     model.lora_config = config
     return model
@@ -520,6 +521,7 @@ def _apply_pairs(model: Model, path: Path, raw: dict, config: LoraConfig,
     model.freeze()
     for parent, leaf, module in wrapped:
         module.base.freeze()
+        module.train(model.training)
         setattr(parent, leaf, module)
     model.lora_config = config
     mx.eval(model.trainable_parameters())

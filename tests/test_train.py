@@ -242,3 +242,15 @@ def test_a_quantized_head_stays_on_mlx(checkpoint_factory):
     assert head_matrix(model) is None and head_kernel(model, "blas") == "mlx"
     with pytest.raises(ValueError, match="head kernel"):
         head_kernel(model, "numpy")
+
+
+def test_new_adapters_follow_the_model_mode(checkpoint_factory):
+    """A fresh module trains by default; adapters put on an eval-mode model (as `load`
+    leaves it) must not: no dropout and no training kernels until `model.train()`."""
+    model, _ = load(checkpoint_factory("lora_accumulate", seed=2, num_hidden_layers=2),
+                    "float32")
+    assert not model.training
+    apply_lora(model, LoraConfig(rank=2, dropout=0.1, targets=("attention",)))
+    assert not any(m.training for _, m in lora_modules(model))
+    model.train()
+    assert all(m.training for _, m in lora_modules(model))
