@@ -26,6 +26,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from . import blas
 from .errors import GptOssError
 from .lora import AdapterError, read_adapter_tensors, save_adapter, set_adapter_tensors
 from .model import Model
@@ -120,17 +121,16 @@ def head_matrix(model: Model) -> mx.array | None:
 def head_kernel(model: Model, kernel: str = "auto") -> str:
     """"blas" or "mlx": who multiplies the vocabulary head in the loss.
 
-    "auto" picks "blas" on MLX's CPU device: its float32 GEMM is the bundled reference BLAS
-    (1.7 GFLOP/s measured for `x @ W.T` at 128 x 2880 x 16384, 2.9 for `g @ W`) and its bf16
-    GEMM 3.5 GFLOP/s, while numpy's bundled OpenBLAS does the same float32 products at about
-    100 GFLOP/s on the same 2 cores (benchmarks/README.md, "LoRA training step"). The head is
-    frozen, so the loss needs only its value and its gradient in the activations, which
-    `_blas_head_loss` computes exactly in float32. GPUs keep MLX's kernels.
+    "auto" picks "blas" on MLX's CPU device (see `mlx_gptoss.blas`: there MLX's float32
+    GEMM is the bundled reference BLAS, 1.7 GFLOP/s measured for `x @ W.T` at
+    128 x 2880 x 16384, 2.9 for `g @ W`, its bf16 GEMM 3.5, numpy's OpenBLAS about 100). The
+    head is frozen, so the loss needs only its value and its gradient in the activations,
+    which `_blas_head_loss` computes in float32. GPUs keep MLX's kernels.
     """
     if kernel not in ("auto", "blas", "mlx"):
         raise ValueError(f"head kernel must be auto, blas or mlx, not {kernel!r}")
     if kernel == "auto":
-        kernel = "blas" if mx.default_device() == mx.cpu else "mlx"
+        kernel = "blas" if blas.on_cpu() else "mlx"
     return kernel if head_matrix(model) is not None else "mlx"
 
 
@@ -145,13 +145,13 @@ def _blas_head_loss(h: mx.array, targets: mx.array, weight: mx.array, with_grad:
     whenever `m` grows, and is `acc / s - W[target]` at the end: one product per slice for
     the value and one more for the gradient, the two the loss needs anyway.
     """
-    x = np.asarray(h.astype(mx.float32))
+    x = blas.as_numpy(h)
     n = x.shape[0]
     top = np.full(n, -np.inf, dtype=np.float32)
     total = np.zeros(n, dtype=np.float32)
     acc = np.zeros_like(x) if with_grad else None
     for start in range(0, weight.shape[0], slice_rows):
-        w = np.asarray(weight[start:start + slice_rows].astype(mx.float32))
+        w = blas.as_numpy(weight[start:start + slice_rows])
         logits = x @ w.T
         new_top = np.maximum(top, logits.max(axis=1))
         rescale = np.exp(top - new_top)
@@ -162,7 +162,7 @@ def _blas_head_loss(h: mx.array, targets: mx.array, weight: mx.array, with_grad:
             acc *= rescale[:, None]
             acc += logits @ w
         top = new_top
-    rows = np.asarray(weight[targets].astype(mx.float32))
+    rows = blas.as_numpy(weight[targets])
     loss = (top + np.log(total) - np.einsum("nh,nh->n", x, rows)).sum(dtype=np.float32)
     grad = acc / total[:, None] - rows if acc is not None else None
     return loss, grad
