@@ -24,12 +24,35 @@ compiled graph (the decode step) cannot do, and GPUs multiply faster in MLX.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from typing import Iterator
+
 import mlx.core as mx
 import numpy as np
+
+_SUSPENDED = contextvars.ContextVar("blas_suspended", default=False)
 
 
 def on_cpu() -> bool:
     return mx.default_device() == mx.cpu
+
+
+def layers_may_use() -> bool:
+    """Whether the model's layers may multiply through numpy now: on the CPU device, unless
+    `suspended` (a pass whose blocks run compiled graphs)."""
+    return on_cpu() and not _SUSPENDED.get()
+
+
+@contextlib.contextmanager
+def suspended(when: bool = True) -> Iterator[None]:
+    """Keep the layers on MLX's kernels inside the block (when `when`): one-position inputs
+    take the blocks' compiled one-token path, where nothing may be evaluated."""
+    token = _SUSPENDED.set(_SUSPENDED.get() or when)
+    try:
+        yield
+    finally:
+        _SUSPENDED.reset(token)
 
 
 def as_numpy(a: mx.array) -> np.ndarray:

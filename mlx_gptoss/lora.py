@@ -139,7 +139,7 @@ class LoRALinear(nn.Module):
         `blas`: 1.7-3.3 GFLOP/s in MLX there, ~100 in numpy), else the layer itself."""
         base = self.base
         if (self.training and type(base) is nn.Linear and base.weight.dtype == mx.float32
-                and x.dtype == mx.float32 and blas.on_cpu()):
+                and x.dtype == mx.float32 and blas.layers_may_use()):
             return blas.frozen_linear(x, base.weight, base.get("bias"))
         return base(x)
 

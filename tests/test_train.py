@@ -302,3 +302,18 @@ def test_new_adapters_follow_the_model_mode(checkpoint_factory):
     assert not any(m.training for _, m in lora_modules(model))
     model.train()
     assert all(m.training for _, m in lora_modules(model))
+
+
+@pytest.mark.parametrize("grad_checkpoint", [False, True])
+def test_one_token_rows_train(small_model, grad_checkpoint):
+    """A one-position batch takes the blocks' compiled one-token path: the training kernels
+    (numpy, which cannot run inside a compiled graph) must not be used there."""
+    from mlx_gptoss.train import loss_and_grad
+
+    small_model.train()
+    try:
+        batch = make_batch(random_examples(9, (2, 2)))
+        loss, _, _ = loss_and_grad(small_model, [batch], grad_checkpoint=grad_checkpoint)
+        assert np.isfinite(loss.item())
+    finally:
+        small_model.eval()
