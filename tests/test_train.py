@@ -304,6 +304,76 @@ def test_new_adapters_follow_the_model_mode(checkpoint_factory):
     assert all(m.training for _, m in lora_modules(model))
 
 
+# ---- gradient checkpointing, block by block (train.blockwise_loss_and_grad) ---------------
+
+
+def test_blockwise_checkpointing_equals_one_pass(checkpoint_factory):
+    """Adapters on one layer only (the other block passes the gradient through), both head
+    kernels, training mode (the BLAS linears): the same loss and every gradient."""
+    from mlx.utils import tree_flatten
+
+    from mlx_gptoss.train import loss_and_grad
+
+    model, _ = load(checkpoint_factory("lora_accumulate", seed=2, num_hidden_layers=2),
+                    "float32")
+    mx.random.seed(0)
+    apply_lora(model, LoraConfig(rank=2, targets=("all",), layers=(0,)))
+    rng = np.random.default_rng(0)
+    for _, module in lora_modules(model):
+        module.lora_b = mx.array(rng.normal(0, 0.1, module.lora_b.shape).astype(np.float32))
+    model.train()
+    batch = make_batch(random_examples(7, (12, 9)))
+    for head in ("blas", "mlx"):
+        one_loss, one, _ = loss_and_grad(model, [batch], head=head)
+        ckpt_loss, ckpt, _ = loss_and_grad(model, [batch], head=head, grad_checkpoint=True)
+        np.testing.assert_allclose(ckpt_loss.item(), one_loss.item(), rtol=1e-6)
+        want = dict(tree_flatten(one))
+        assert set(want) == {n for n, _ in tree_flatten(ckpt)} and len(want) == 14
+        for name, g in tree_flatten(ckpt):
+            assert np.abs(np.array(want[name])).max() > 0
+            assert_close_norm(g, want[name], name)
+
+
+def test_blockwise_checkpointing_draws_each_block_s_dropout_once(checkpoint_factory):
+    """With dropout, a block's recomputation must see its forward pass's masks: the gradient
+    equals one differentiated pass that seeds each block as the blockwise pass does."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from mlx_gptoss.model import attention_mask
+    from mlx_gptoss.train import blockwise_loss_and_grad, head_loss_sum
+
+    model, _ = load(checkpoint_factory("lora_accumulate", seed=2, num_hidden_layers=2),
+                    "float32")
+    mx.random.seed(0)
+    apply_lora(model, LoraConfig(rank=2, dropout=0.3, targets=("attention",)))
+    rng = np.random.default_rng(1)
+    for _, module in lora_modules(model):
+        module.lora_b = mx.array(rng.normal(0, 0.1, module.lora_b.shape).astype(np.float32))
+    model.train()
+    batch = make_batch(random_examples(8, (10,)))
+    mx.random.seed(5)
+    loss, grads = blockwise_loss_and_grad(model, batch)
+    mx.random.seed(5)
+    seed = int(mx.random.randint(0, 2**30, ()).item())
+
+    def reference(batch):
+        x = model.embed(batch.inputs)
+        for i, layer in enumerate(model.layers):
+            mx.random.seed(seed + i)
+            window = model.config.sliding_window if layer.sliding else None
+            x = layer(x, attention_mask(x.shape[1], 0, 0, window), None, False)
+        h = model.model.norm(x)
+        return head_loss_sum(model, h.reshape(-1, h.shape[-1])[batch.positions], batch.targets,
+                             with_grad=True)
+
+    want_loss, want = nn.value_and_grad(model, reference)(batch)
+    np.testing.assert_allclose(loss.item(), want_loss.item(), rtol=1e-6)
+    want = dict(tree_flatten(want))
+    for name, g in tree_flatten(grads):
+        assert_close_norm(g, want[name], name)
+
+
 @pytest.mark.parametrize("grad_checkpoint", [False, True])
 def test_one_token_rows_train(small_model, grad_checkpoint):
     """A one-position batch takes the blocks' compiled one-token path: the training kernels
