@@ -209,12 +209,11 @@ def head_loss_sum(model: Model, h: mx.array, targets: mx.array, *, chunk: int = 
                   head: str = "auto", with_grad: bool = False) -> mx.array:
     """Sum of -log p(target) from the final normalised activations `h [N, H]` of the trained
     positions, `chunk` rows at a time."""
-    batch_targets = targets
     if head_kernel(model, head) == "blas":
         weight = head_matrix(model)
         total = mx.array(0.0, dtype=mx.float32)
         for start in range(0, h.shape[0], chunk):
-            run = _blas_chunk_loss(weight, batch_targets[start:start + chunk], with_grad)
+            run = _blas_chunk_loss(weight, targets[start:start + chunk], with_grad)
             total = total + run(h[start:start + chunk])
         return total
 
@@ -233,7 +232,7 @@ def head_loss_sum(model: Model, h: mx.array, targets: mx.array, *, chunk: int = 
 
     total = mx.array(0.0, dtype=mx.float32)
     for start in range(0, h.shape[0], chunk):
-        total = total + chunk_loss(batch_targets[start:start + chunk])(h[start:start + chunk])
+        total = total + chunk_loss(targets[start:start + chunk])(h[start:start + chunk])
     return total
 
 
