@@ -11,13 +11,17 @@ the `mx.compile`d update of `mlx_lm.tuner.trainer.train`; ours runs `train.loss_
 (chunked cross-entropy) and the same optimizer. Each step is timed after `--warmup` steps;
 figures are medians (`step_cpu_s`: CPU seconds of the process, all threads, the fairer
 figure on a shared machine). Peak memory is MLX's allocator peak during the timed steps, weights
-included. Results: one JSON line per (implementation, seq) on stdout and in `--out`.
+included; `max_rss_gb` is the process's peak resident memory so far (loading included, and
+whatever numpy allocates: ours multiplies the frozen head and attention through numpy's BLAS on
+the CPU, `mlx_gptoss/blas.py`), the figure to compare when each implementation runs alone
+(`--only`). Results: one JSON line per (implementation, seq) on stdout and in `--out`.
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
+import resource
 import statistics
 import sys
 import time
@@ -114,6 +118,8 @@ def measure(name: str, build, seq: int, steps: int, warmup: int, vocab: int) -> 
               "step_cpu_s": round(statistics.median(cpu_times), 3),
               "tokens_per_s": round(seq / seconds, 2),
               "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 3),
+              # Linux reports kilobytes.
+              "max_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3),
               "trainable": trainable, "loss": round(losses[-1], 4), "steps": steps}
     del model, step
     gc.collect()

@@ -27,6 +27,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import blas
 from .errors import CheckpointError, GptOssError
 from .model import Model, SwitchLinear
 from .mxfp4 import deinterleave_rows, interleave_rows
@@ -128,10 +129,19 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = self.base(x)
+        y = self._base(x)
         h = self.dropout(x) if self.dropout is not None else x
         z = (h @ self.lora_a.T) @ self.lora_b.T
         return y + (self.scale * z).astype(y.dtype)
+
+    def _base(self, x: mx.array) -> mx.array:
+        """The frozen layer: through numpy's BLAS when training on the CPU device (see
+        `blas`: 1.7-3.3 GFLOP/s in MLX there, ~100 in numpy), else the layer itself."""
+        base = self.base
+        if (self.training and type(base) is nn.Linear and base.weight.dtype == mx.float32
+                and x.dtype == mx.float32 and blas.layers_may_use()):
+            return blas.frozen_linear(x, base.weight, base.get("bias"))
+        return base(x)
 
     def delta(self) -> mx.array:
         """The dense update `scale · B A` `[out, in]` (for fusing)."""
@@ -215,6 +225,7 @@ def apply_lora(model: Model, config: LoraConfig) -> Model:
         else:
             layer = LoRALinear(base, rank, scale, config.dropout)
         layer.base.freeze()
+        layer.train(model.training)  # a new module trains by default; follow the model's mode
         setattr(parent, leaf, layer)
     model.lora_config = config
     return model
@@ -524,6 +535,7 @@ def _apply_pairs(model: Model, path: Path, raw: dict, config: LoraConfig,
     model.freeze()
     for parent, leaf, module in wrapped:
         module.base.freeze()
+        module.train(model.training)
         setattr(parent, leaf, module)
     model.lora_config = config
     mx.eval(model.trainable_parameters())

@@ -119,12 +119,17 @@ def test_our_adapter_loads_in_peft(lora_checkpoint, tmp_path):
 
 
 # (2, 19): 72 (token, expert) pairs, the experts' sorted gather path; (1, 9): 16, unsorted.
+# Kernels "blas": in training mode on the CPU the frozen head, attention and router multiply
+# through numpy's BLAS (`mlx_gptoss.blas`); "mlx": MLX's own kernels throughout, as on a GPU.
 @pytest.mark.slow
-@pytest.mark.parametrize("shape, grad_checkpoint", [((2, 19), False), ((1, 9), True)])
-def test_loss_and_every_gradient_equal_peft(lora_checkpoint, tmp_path, shape, grad_checkpoint):
+@pytest.mark.parametrize("shape, grad_checkpoint, kernels", [
+    ((2, 19), False, "blas"), ((1, 9), True, "blas"), ((2, 19), True, "mlx")])
+def test_loss_and_every_gradient_equal_peft(lora_checkpoint, tmp_path, shape, grad_checkpoint,
+                                            kernels):
     reference = peft_model(lora_checkpoint)
     reference.save_pretrained(tmp_path)
     model = load_adapter(ours(lora_checkpoint), tmp_path)
+    model.train(kernels == "blas")
     ids = tokens(3, shape)
     weights = np.zeros(ids.shape, dtype=np.float32)
     weights[0, 3:8] = 1
@@ -134,7 +139,8 @@ def test_loss_and_every_gradient_equal_peft(lora_checkpoint, tmp_path, shape, gr
     trained = np.nonzero(weights[:, 1:].reshape(-1))[0]
     batch = Batch(mx.array(ids[:, :-1]), mx.array(trained.astype(np.int32)),
                   mx.array(ids[:, 1:].reshape(-1)[trained]))
-    loss, grads, count = loss_and_grad(model, [batch], chunk=7, grad_checkpoint=grad_checkpoint)
+    loss, grads, count = loss_and_grad(model, [batch], chunk=7, grad_checkpoint=grad_checkpoint,
+                                       head="auto" if kernels == "blas" else "mlx")
     assert count == len(trained)
     # PEFT: the same mean cross-entropy over the same targets
     reference.train()
