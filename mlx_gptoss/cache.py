@@ -81,6 +81,26 @@ class RingStep:
         return position.reshape(-1) % size, (age < self.window) & (age <= position)
 
 
+class _Unstacked:
+    """A full layer cache's `keys`/`values`: taken back from the stack first when the cache
+    is in one (`StackedRows`), so no reader sees a stacked cache's stale buffers."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, cache: Any, owner: type | None = None) -> Any:
+        if cache is None:
+            return self
+        if cache._stack is not None:
+            cache._unstack()
+        return getattr(cache, self.slot)
+
+    def __set__(self, cache: Any, value: Any) -> None:
+        if cache._stack is not None:
+            cache._unstack()
+        setattr(cache, self.slot, value)
+
+
 _FULL_STEP = FullStep()
 _ring_step = lru_cache(maxsize=None)(RingStep)  # asked for every step: made once each
 
@@ -96,29 +116,8 @@ class KVCache:
         self._stack: tuple[StackedRows, int, int] | None = None  # (stack, row, layer)
         self.offset = 0
 
-    @property
-    def keys(self) -> mx.array | None:
-        if self._stack is not None:
-            self._unstack()
-        return self._keys
-
-    @keys.setter
-    def keys(self, value) -> None:
-        if self._stack is not None:
-            self._unstack()
-        self._keys = value
-
-    @property
-    def values(self) -> mx.array | None:
-        if self._stack is not None:
-            self._unstack()
-        return self._values
-
-    @values.setter
-    def values(self, value) -> None:
-        if self._stack is not None:
-            self._unstack()
-        self._values = value
+    keys = _Unstacked()
+    values = _Unstacked()
 
     def _unstack(self) -> None:
         """Take this row's buffers back from the stack it was decoding in (a copy, so the

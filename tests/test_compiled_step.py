@@ -37,6 +37,22 @@ def decode(model, caches, first: mx.array, steps: int) -> list[np.ndarray]:
     return out
 
 
+def decode_rows(model, specs, steps: int) -> list[np.ndarray]:
+    """Rows prefilled from `specs` `(prompt length, seed, sliding slack)`, then `steps`
+    greedy `step_rows` for all of them; the logits of each step."""
+    rows = []
+    for n, seed, slack in specs:
+        caches = model.make_cache(sliding_slack=slack)
+        prefill(model, random_tokens(n, seed), caches)
+        rows.append(caches)
+    tokens, out = mx.arange(3, 3 + len(rows)), []
+    for _ in range(steps):
+        logits = model.step_rows(tokens, rows)
+        out.append(np.array(logits))
+        tokens = mx.argmax(logits, axis=-1)
+    return out
+
+
 def compiled_then_plain(model, plain_only, length: int, steps: int, slack: int = 0):
     results = []
     for disable in (lambda: None, plain_only):
@@ -111,25 +127,12 @@ def test_a_window_not_yet_full_decodes_compiled_as_the_plain_path(tiny_model, pl
 
 def test_a_short_row_stacks_with_long_ones(tiny_model, plain_only):
     model = tiny_model
-
-    def run():
-        rows = []
-        for n, seed in ((2, 1), (40, 2), (5, 3)):
-            caches = model.make_cache(sliding_slack=2)
-            prefill(model, random_tokens(n, seed), caches)
-            rows.append(caches)
-        tokens, out = mx.array([3, 4, 5]), []
-        for _ in range(10):
-            logits = model.step_rows(tokens, rows)
-            out.append(np.array(logits))
-            tokens = mx.argmax(logits, axis=-1)
-        return out
-
+    specs = ((2, 1, 2), (40, 2, 2), (5, 3, 2))
     model._fixed_steps.clear()
-    compiled = run()
+    compiled = decode_rows(model, specs, 10)
     assert {shapes[0][0] for _, shapes in model._fixed_steps} == {3}  # stacked throughout
     plain_only()
-    for a, b in zip(compiled, run()):
+    for a, b in zip(compiled, decode_rows(model, specs, 10)):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
@@ -159,27 +162,14 @@ def test_batched_rows_equal_the_plain_batched_step(tiny_model, plain_only, slack
     attention gives, whether the rows' caches are stacked into one buffer per layer (same
     ring sizes) or attend one by one (different slacks, different ring sizes)."""
     model = tiny_model
-
-    def run() -> list[np.ndarray]:
-        rows = []
-        for n, seed, slack in zip((250, 20, 9), (1, 2, 3), slacks):
-            caches = model.make_cache(sliding_slack=slack)
-            prefill(model, random_tokens(n, seed), caches)
-            rows.append(caches)
-        tokens, out = mx.array([3, 4, 5]), []
-        for _ in range(9):
-            logits = model.step_rows(tokens, rows)
-            out.append(np.array(logits))
-            tokens = mx.argmax(logits, axis=-1)
-        return out
-
+    specs = list(zip((250, 20, 9), (1, 2, 3), slacks))
     model._fixed_steps.clear()
-    compiled = run()
+    compiled = decode_rows(model, specs, 9)
     batches = {shapes[0][0] for kinds, shapes in model._fixed_steps}
     stacked = slacks[0] == slacks[1]
     assert batches == ({3} if stacked else {1})  # buffers [3, ...] stacked, else per row
     plain_only()
-    plain = run()
+    plain = decode_rows(model, specs, 9)
     for a, b in zip(compiled, plain):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
