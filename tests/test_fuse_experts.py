@@ -31,8 +31,15 @@ def source(checkpoint_factory):
 
 
 def _random_adapter(model, spread: float, seed: int = 0) -> None:
+    """Both factors from `seed` (A as `apply_lora` draws it, B with `spread`), never from
+    MLX's global random state: a different A changes the merged experts, and on this tiny
+    model a quantization step can then flip a near-tied routing choice, which moves the
+    logits by the adapter's whole reach (seen once: 8-bit error 2.44 against a 2.01 reach)."""
     rng = np.random.default_rng(seed)
     for _, module in lora_modules(model):
+        bound = 1.0 / np.sqrt(module.lora_a.shape[-1])
+        module.lora_a = mx.array(rng.uniform(-bound, bound, module.lora_a.shape)
+                                 .astype(np.float32))
         module.lora_b = mx.array(rng.normal(0, spread, module.lora_b.shape).astype(np.float32))
 
 
@@ -69,7 +76,7 @@ def test_float32_experts_fuse_exactly(source, adapted, tmp_path):
 @pytest.mark.slow
 def test_bf16_and_8bit_experts_fuse_closely(source, adapted, tmp_path, capsys):
     """Measured (this model, float32 compute, printed with -s): max |logits - unfused| is
-    0.018 with bf16 experts and 0.090 with 8-bit affine ones, against 2.92 between the base
+    0.025 with bf16 experts and 0.092 with 8-bit affine ones, against 2.50 between the base
     and the adapted model."""
     adapter, ids, want, base = adapted
     reach = np.abs(base - want).max()
@@ -91,7 +98,7 @@ def test_bf16_and_8bit_experts_fuse_closely(source, adapted, tmp_path, capsys):
 @pytest.mark.slow
 def test_8bit_keeps_most_of_the_update_mxfp4_loses_it_and_warns(source, tmp_path):
     """The realized update `Q(W + Δ) - W` against the intended Δ, read back from the fused
-    directories: MXFP4 loses it (measured relative error 3.56 for a 2.1% update: the update is
+    directories: MXFP4 loses it (measured relative error 3.52 for a 2.1% update: the update is
     gone and re-rounding adds noise; the warning says the same number), 8-bit affine keeps
     most of it (0.30)."""
     model, _ = load(source, "float32")
