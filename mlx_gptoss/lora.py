@@ -173,6 +173,10 @@ class LoRASwitchLinear(nn.Module):
                          sorted_indices=sorted_experts)
         return y + (self.scale * z).astype(y.dtype)
 
+    @property
+    def bias(self) -> mx.array:
+        return self.base.bias
+
     def bias_rows(self, experts: mx.array) -> mx.array:
         return self.base.bias_rows(experts)
 

@@ -136,23 +136,66 @@ def test_a_short_row_stacks_with_long_ones(tiny_model, plain_only):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_compiled_step_reads_the_current_weights(checkpoint_factory, plain_only):
+def _replace_down_bias(m):
+    experts = m.layers[1].mlp.experts
+    experts.down.bias = experts.down.bias + 1.0
+
+
+def _replace_k_weight(m):  # one of the three weights fused into one product
+    attn = m.layers[2].self_attn
+    attn.k_proj.weight = attn.k_proj.weight * 1.5
+
+
+def _replace_norm_weight(m):  # not in the step tables: a constant of the trace
+    norm = m.layers[0].post_attention_layernorm
+    norm.weight = norm.weight + 0.5
+
+
+def _adapt_q(m):  # an adapter put in: the step calls the module instead of its table
+    from mlx_gptoss.lora import LoRALinear
+
+    attn = m.layers[0].self_attn
+    attn.q_proj = LoRALinear(attn.q_proj, rank=2, scale=1.0)
+    attn.q_proj.lora_b = mx.random.normal(attn.q_proj.lora_b.shape, key=mx.random.key(3))
+    m.eval()  # as generation runs it (the adapter follows the model's mode)
+
+
+@pytest.mark.parametrize("replace", [_replace_down_bias, _replace_k_weight,
+                                     _replace_norm_weight, _adapt_q],
+                         ids=["expert-bias", "fused-weight", "norm-weight", "adapter"])
+def test_compiled_step_reads_the_current_weights(checkpoint_factory, plain_only, replace):
+    """Weights replaced between tokens (an update, an adapter) are what the next compiled
+    step computes with: its tables and traces are made again."""
     m, _ = load_model(checkpoint_factory("tiny"), "float32")
     cache = PromptCache(m.make_cache())
     prefill(m, random_tokens(16), cache.layers)
-    m._fixed_steps.clear()
 
     def step() -> np.ndarray:  # on a fork: each call starts from the same 16 positions
         return np.array(m(mx.array([[5]]), cache=cache.fork().layers))
 
     before = step()
-    m.layers[1].mlp.experts.down.bias = m.layers[1].mlp.experts.down.bias + 1.0
+    replace(m)
     after = step()
-    assert len(m._fixed_steps) == 1  # the same trace, reading the new bias
     plain_only()
     plain = step()
     assert not np.allclose(before, after)
     np.testing.assert_allclose(after, plain, atol=1e-5)
+
+
+def test_fused_qkv_keeps_one_copy_of_the_weights(tiny_model):
+    """After a compiled step the q, k and v weights are views of the one fused matrix the
+    step multiplies (same values, no second copy), and stay so from token to token."""
+    attn = tiny_model.layers[0].self_attn
+    originals = [np.array(getattr(attn, n).weight) for n in ("q_proj", "k_proj", "v_proj")]
+    caches = tiny_model.make_cache()
+    prefill(tiny_model, random_tokens(12), caches)
+    for token in (3, 4):
+        mx.eval(tiny_model(mx.array([[token]]), cache=caches))
+        fused, *views = attn._qkv
+        for name, view, original in zip(("q_proj", "k_proj", "v_proj"), views, originals):
+            assert getattr(attn, name).weight is view
+            np.testing.assert_array_equal(np.array(view), original)
+        np.testing.assert_array_equal(np.array(fused), np.concatenate(originals))
 
 
 @pytest.mark.parametrize("slacks", [(2, 2, 2), (2, 0, 3)], ids=["stacked", "per-row"])
@@ -245,26 +288,31 @@ def test_a_sliding_cache_leaves_its_ring_holding_what_the_plain_path_holds(tiny_
 
 
 def test_the_step_rotation_is_mlx_ropes_arithmetic(tiny_model):
-    """Where the step composes RoPE itself, its shared tables give what `mx.fast.rope` gives
-    (bit for bit on MLX's CPU composition), for rows at their own positions; the queries'
-    table also carries the softmax scale. Elsewhere the step hands RoPE the offsets."""
-    from mlx_gptoss.model import composes_fast_ops, rotate_pairs
+    """Where the step composes RoPE itself, its shared rotation matrices are what
+    `mx.fast.rope` does to each unit vector (bit for bit on MLX's CPU composition), for rows
+    at their own positions, and rotate any vector as it does; the queries' matrix also
+    carries the softmax scale. Elsewhere the step hands RoPE the offsets."""
+    from mlx_gptoss.model import composes_fast_ops
 
     attn = tiny_model.layers[0].self_attn  # YaRN, as the checkpoints configure it
-    d, heads = attn.head_dim, attn.n_heads
+    d, kv = attn.head_dim, attn.n_kv_heads
     offsets = mx.array([0, 7, 131071])
     rotation = attn.step_rotation(offsets, mx.float32)
     if not composes_fast_ops():
         assert rotation is offsets
         return
-    x = mx.random.normal((3, heads, 1, d), key=mx.random.key(0))
-    expected = np.array(attn._rope(x, offsets))
-    cos_q, sin_q, cos_k, sin_k = rotation
-    pairs = x.reshape(3, heads, 2, d // 2)
-    np.testing.assert_array_equal(np.array(rotate_pairs(pairs, cos_k, sin_k)).reshape(x.shape),
-                                  expected)
-    np.testing.assert_allclose(np.array(rotate_pairs(pairs, cos_q, sin_q)).reshape(x.shape),
-                               expected * attn.scale, rtol=1e-6, atol=1e-7)
+    rotate_q, rotate_k = rotation
+    assert rotate_k.shape == rotate_q.shape == (3, kv, d, d)
+    # Row j of R is what RoPE makes of the unit vector e_j: x @ R rotates x.
+    units = mx.broadcast_to(mx.eye(d)[None, :, None], (3, d, 1, d))  # d "heads", one each
+    rows = attn._rope(units, offsets)[:, :, 0]
+    for h in range(kv):
+        np.testing.assert_array_equal(np.array(rotate_k[:, h]), np.array(rows))
+        np.testing.assert_array_equal(np.array(rotate_q[:, h]), np.array(rows * attn.scale))
+    x = mx.random.normal((3, kv, 2, d), key=mx.random.key(0))  # 2 query heads per kv head
+    expected = attn._rope(x.reshape(3, 2 * kv, 1, d), offsets).reshape(x.shape)
+    np.testing.assert_allclose(np.array(x @ rotate_k), np.array(expected), rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_composed_attention_equals_mlx_sdpa_with_sinks_and_a_mask():
@@ -308,7 +356,7 @@ def test_the_stacked_step_graph_does_not_grow_with_the_rows(tiny_model, tmp_path
         x = model.embed(mx.zeros((batch, 1), mx.int32))
         offsets = mx.array([r[0].offset for r in rows])
         mx.eval(x, offsets)
-        out, buffers = model._step_for(kinds, states)(x, offsets, states)
+        out, buffers = model._step_for(kinds, states)(x, offsets, states, model._step_tables(batch))
         path = tmp_path / f"step-{batch}.dot"
         mx.export_to_dot(str(path), out, *[b for pair in buffers for b in pair])
         stack.release()
@@ -372,3 +420,21 @@ def test_rows_of_very_different_lengths_are_not_stacked(tiny_model, monkeypatch)
     assert StackedRows.can_stack(rows(300, 400, 290))  # 512 slots each: no padding
     assert not StackedRows.can_stack(rows(1100, 20, 30, 40))  # 1280 vs 256: 4 x 1280 > 2 x 2048
     assert StackedRows.can_stack(rows(20, 30))  # short rows always stack
+
+
+def test_step_tables_are_made_once_per_batch_size(tiny_model):
+    """A new batch size makes new tables (the biases are broadcast to it) from the same
+    fused q/k/v matrix, and no new trace is needed for the weights: fusing copies the
+    weights once, not at every change of the engine's batch."""
+    attn = tiny_model.layers[1].self_attn
+    rows = []
+    for r in range(2):
+        caches = tiny_model.make_cache()
+        prefill(tiny_model, random_tokens(10 + r, seed=r), caches)
+        rows.append(caches)
+    mx.eval(tiny_model.step_rows(mx.array([3]), rows[:1]))
+    fused, one = attn._qkv[0], tiny_model._tables.by_batch[1]
+    mx.eval(tiny_model.step_rows(mx.array([3, 4]), rows))
+    mx.eval(tiny_model.step_rows(mx.array([5]), rows[1:]))
+    assert attn._qkv[0] is fused
+    assert tiny_model._tables.by_batch[1] is one and 2 in tiny_model._tables.by_batch
