@@ -46,8 +46,8 @@ def layers_may_use() -> bool:
 
 @contextlib.contextmanager
 def suspended(when: bool = True) -> Iterator[None]:
-    """Keep the layers on MLX's kernels inside the block (when `when`): one-position inputs
-    take the blocks' compiled one-token path, where nothing may be evaluated."""
+    """Keep the layers on MLX's kernels inside the block (when `when`): what `mx.compile`
+    traces (`model.traced`), where nothing may be evaluated."""
     token = _SUSPENDED.set(_SUSPENDED.get() or when)
     try:
         yield

@@ -22,6 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import blas
 from .cache import (KVCache, QuantizedKVCache, SlidingWindowCache, StackedRows,
                     check_kv_quantization, write_step)
 from .config import ModelConfig, RopeConfig
@@ -284,6 +285,15 @@ def step_linear(layer: nn.Module | None, table: tuple[mx.array, mx.array] | None
         return layer(x)
     weight_t, bias = table
     return mx.addmm(bias, x, weight_t)
+
+
+def traced(fn: Callable) -> Callable:
+    """`fn` as `mx.compile` should trace it: with the layers' numpy kernels off (`blas`; an
+    adapter left in training mode would evaluate inside the trace, which MLX refuses)."""
+    def run(*args: Any) -> Any:
+        with blas.suspended():
+            return fn(*args)
+    return run
 
 
 def composes_fast_ops() -> bool:
@@ -584,8 +594,8 @@ class TransformerBlock(nn.Module):
 
         # One-token steps replay traced graphs for everything around the cache update: far
         # less Python per token, and fused kernels.
-        self._compiled_inputs = mx.compile(self._attention_inputs, inputs=self)
-        self._compiled_outputs = mx.compile(self._outputs, inputs=self)
+        self._compiled_inputs = mx.compile(traced(self._attention_inputs), inputs=self)
+        self._compiled_outputs = mx.compile(traced(self._outputs), inputs=self)
 
     def _attention_inputs(self, x: mx.array, offset: int | mx.array):
         return self.self_attn.project(self.input_layernorm(x), offset)
@@ -850,7 +860,7 @@ class Model(nn.Module):
         key = (kinds, tuple(s[0].shape for s in states))
         step = self._fixed_steps.pop(key, None)
         if step is None:
-            step = mx.compile(partial(self._fixed_layers, kinds))
+            step = mx.compile(traced(partial(self._fixed_layers, kinds)))
             while len(self._fixed_steps) >= MAX_COMPILED_STEPS:
                 self._fixed_steps.pop(next(iter(self._fixed_steps)))
         self._fixed_steps[key] = step  # most recently used last

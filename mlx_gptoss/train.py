@@ -303,8 +303,7 @@ def loss_and_grad(model: Model, batches: Sequence[Batch], *, chunk: int = 1024,
             model, lambda b: loss_sum(model, b, chunk=chunk, head=head, with_grad=True))
     total, grads, tokens = mx.array(0.0), None, 0
     for batch in batches:
-        with blas.suspended(batch.inputs.shape[1] == 1):  # the blocks' compiled one-token path
-            loss, g = value_and_grad(batch)
+        loss, g = value_and_grad(batch)  # (one-position batches: see `model.traced`)
         total = total + loss
         grads = g if grads is None else tree_map_add(grads, g)
         tokens += batch.tokens

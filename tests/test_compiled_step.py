@@ -157,7 +157,9 @@ def _adapt_q(m):  # an adapter put in: the step calls the module instead of its 
     attn = m.layers[0].self_attn
     attn.q_proj = LoRALinear(attn.q_proj, rank=2, scale=1.0)
     attn.q_proj.lora_b = mx.random.normal(attn.q_proj.lora_b.shape, key=mx.random.key(3))
-    m.eval()  # as generation runs it (the adapter follows the model's mode)
+    # Left in training mode (a fresh module's default): inside the compiled step the adapter
+    # must still not multiply through numpy (nothing may be evaluated while tracing).
+    assert attn.q_proj.training
 
 
 @pytest.mark.parametrize("replace", [_replace_down_bias, _replace_k_weight,
