@@ -40,15 +40,15 @@ def on_cpu() -> bool:
 
 def layers_may_use() -> bool:
     """Whether the model's layers may multiply through numpy now: on the CPU device, unless
-    `suspended` (a pass whose blocks run compiled graphs)."""
+    `suspended` (while `mx.compile` traces)."""
     return on_cpu() and not _SUSPENDED.get()
 
 
 @contextlib.contextmanager
-def suspended(when: bool = True) -> Iterator[None]:
-    """Keep the layers on MLX's kernels inside the block (when `when`): what `mx.compile`
-    traces (`model.traced`), where nothing may be evaluated."""
-    token = _SUSPENDED.set(_SUSPENDED.get() or when)
+def suspended() -> Iterator[None]:
+    """Keep the layers on MLX's kernels inside the block: what `mx.compile` traces
+    (`model.traced`), where nothing may be evaluated."""
+    token = _SUSPENDED.set(True)
     try:
         yield
     finally:

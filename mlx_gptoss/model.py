@@ -68,6 +68,9 @@ def rope_frequencies(rope: RopeConfig, head_dim: int) -> tuple[np.ndarray, float
     return inv_freq.astype(np.float32), factor
 
 
+_QKV = ("q_proj", "k_proj", "v_proj")  # fused into one product by the compiled step
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, sliding: bool):
         super().__init__()
@@ -209,7 +212,7 @@ class Attention(nn.Module):
         again if a weight was replaced; None unless all three are plain biased `nn.Linear`
         of one dtype (LoRA, quantized: the step calls them)."""
         layers = [self[n] for n in _QKV]
-        if any(type(layer) is not nn.Linear or "bias" not in layer for layer in layers):
+        if not all(map(plain_linear, layers)):
             return None
         weights = [layer["weight"] for layer in layers]
         if len({w.dtype for w in weights}) != 1:
@@ -256,9 +259,6 @@ class Attention(nn.Module):
         return mx.concatenate(outs, axis=2)
 
 
-_QKV = ("q_proj", "k_proj", "v_proj")
-
-
 def split_heads(x: mx.array, heads: int) -> mx.array:
     """`[B, T, heads * d]` -> `[B, heads, T, d]` (one reshape, no transpose, for one token)."""
     b, t, _ = x.shape
@@ -267,12 +267,18 @@ def split_heads(x: mx.array, heads: int) -> mx.array:
     return x.reshape(b, t, heads, -1).transpose(0, 2, 1, 3)
 
 
+def plain_linear(layer: nn.Module) -> bool:
+    """A biased `nn.Linear` itself (not an adapter, not quantized): what the step tables
+    take apart."""
+    return type(layer) is nn.Linear and "bias" in layer
+
+
 def linear_table(layer: nn.Module, batch: int) -> tuple[mx.array, mx.array] | None:
-    """A plain biased `nn.Linear`'s `(W.T, bias)` as the compiled step multiplies them (the
-    bias broadcast to `[batch, out]`): views made once (`Model._step_tables`), where calling
-    the layer adds a transpose and a broadcast to the graph of every token. None for any other
+    """A `plain_linear`'s `(W.T, bias)` as the compiled step multiplies them (the bias
+    broadcast to `[batch, out]`): views made once (`Model._step_tables`), where calling the
+    layer adds a transpose and a broadcast to the graph of every token. None for any other
     layer (LoRA, quantized): the step calls it."""
-    if type(layer) is not nn.Linear or "bias" not in layer:
+    if not plain_linear(layer):
         return None
     bias = layer["bias"]
     return layer["weight"].T, mx.broadcast_to(bias, (batch, bias.shape[0]))
@@ -560,17 +566,18 @@ class MLP(nn.Module):
         shape = x.shape
         if x.ndim != 2:
             x = x.reshape(-1, shape[-1])
-        chosen, weights = self.route(x)
-        y = mx.expand_dims(weights, -2) @ self.experts(x, chosen)  # [N, 1, H]
-        return y.reshape(shape)
+        return self.mixed(x, *self.route(x)).reshape(shape)
+
+    def mixed(self, x: mx.array, chosen: mx.array, weights: mx.array) -> mx.array:
+        """The chosen experts' outputs for `x [N, H]` weighted by the routing: `[N, 1, H]`."""
+        return mx.expand_dims(weights, -2) @ self.experts(x, chosen)
 
     def one_token(self, x: mx.array, residual: mx.array, tables: dict) -> mx.array:
         """`residual + self(x)` for the compiled step, `x [B, H]`, from the block's
         `step_tables`."""
         chosen, weights = self.route(x, tables.get("router"))
         if chosen.size >= _SORT_THRESHOLD:  # many rows: the sorted products read less
-            y = mx.expand_dims(weights, -2) @ self.experts(x, chosen)
-            return residual + y.reshape(x.shape)
+            return residual + self.mixed(x, chosen, weights).reshape(x.shape)
         return self.experts.one_token(x, chosen, weights, residual, tables)
 
     def step_tables(self, batch: int) -> dict[str, Any]:
@@ -633,7 +640,8 @@ class TransformerBlock(nn.Module):
     def step_tables(self, batch: int) -> dict[str, Any]:
         """Views of this block's parameters that the compiled step takes as inputs rather
         than making them in every token's graph (transposed weights, broadcast biases,
-        reshaped sinks, per-expert bias rows): ~15 graph nodes fewer per layer and token."""
+        reshaped sinks, per-expert bias rows: a transpose, broadcast, reshape or extra
+        gather per token each)."""
         return {**self.self_attn.step_tables(batch), **self.mlp.step_tables(batch)}
 
     def __call__(self, x: mx.array, mask, cache, last_only: bool = False) -> mx.array:
@@ -691,11 +699,10 @@ def module_places(module: dict) -> list[tuple[dict, str]]:
     for key, value in module.items():
         if isinstance(value, (mx.array, dict, list, tuple)):
             places.append((module, key))
-        children = [value] if isinstance(value, dict) else (
-            value if isinstance(value, (list, tuple)) else [])
-        for child in children:
-            if isinstance(child, dict):
-                places += module_places(child)
+        if isinstance(value, dict):
+            places += module_places(value)
+        elif isinstance(value, (list, tuple)):
+            places += [p for item in value if isinstance(item, dict) for p in module_places(item)]
     return places
 
 
