@@ -131,18 +131,22 @@ class Attention(nn.Module):
 
         With MLX's RoPE kernel, the offsets themselves. Where `mx.fast.rope` is a composition
         of primitives (`composes_fast_ops`), it rebuilds the cos/sin of each call's positions,
-        two dozen graph nodes per layer and token; here they are built once, as each row's
-        rotation matrix `[B, kv heads, d, d]` (`rotation_matrices`), one for the queries with
-        the softmax scale in it and one for the keys: RoPE is then one matrix product per
-        layer for each. Same angles as MLX's composition: float32, cos/sin cast to the
-        activations' dtype."""
+        two dozen graph nodes per layer and token; here they are built once, as one matrix
+        per row and head of the fused q/k/v projection, `[B, heads + 2 kv heads, d, d]`: each
+        query head's rotation (`rotation_matrices`) with the softmax scale in it, each key
+        head's, and the identity for the value heads. RoPE is then one matrix product per
+        layer for q, k and v together (the values' an exact copy). Same angles as MLX's
+        composition: float32, cos/sin cast to the activations' dtype."""
         if not composes_fast_ops():
             return offsets
         theta = offsets.astype(mx.float32)[:, None] * mx.reciprocal(self._rope_periods)
         cos, sin = mx.cos(theta), mx.sin(theta)
         rotate = rotation_matrices(cos, sin)
-        shape = (offsets.shape[0], self.n_kv_heads, self.head_dim, self.head_dim)
-        return tuple(mx.broadcast_to(r.astype(dtype), shape) for r in (rotate * self.scale, rotate))
+        eye = _rotation_pattern(self.head_dim)[0]
+        b, d = offsets.shape[0], self.head_dim
+        return mx.concatenate([mx.broadcast_to(m.astype(dtype), (b, heads, d, d)) for m, heads in
+                               ((rotate * self.scale, self.n_heads), (rotate, self.n_kv_heads),
+                                (eye, self.n_kv_heads))], axis=1)
 
     def one_token(self, h: mx.array, rotation, rows: list[tuple], tables: dict
                   ) -> tuple[mx.array, list[tuple]]:
@@ -158,22 +162,19 @@ class Attention(nn.Module):
         groups = self.n_heads // self.n_kv_heads
         if "qkv" in tables:
             qkv = step_linear(None, tables["qkv"], h)
-            k_end = (self.n_heads + self.n_kv_heads) * d
-            q, k, v = mx.split(qkv, [self.n_heads * d, k_end], axis=-1)  # one node
         else:
-            q = step_linear(self.q_proj, tables.get("q_proj"), h)
-            k = step_linear(self.k_proj, tables.get("k_proj"), h)
-            v = step_linear(self.v_proj, tables.get("v_proj"), h)
-        composed = isinstance(rotation, tuple)
-        if composed:  # the query's rotation carries the softmax scale
-            rotate_q, rotate_k = rotation
-            q = q.reshape(b, self.n_kv_heads, groups, d) @ rotate_q
-            k = k.reshape(b, self.n_kv_heads, 1, d) @ rotate_k
-        else:  # one RoPE call for q and k: with q, k, v fused they are adjacent already
-            qk = qkv[:, :k_end] if "qkv" in tables else mx.concatenate([q, k], axis=-1)
-            qk = self._rope(qk.reshape(b, self.n_heads + self.n_kv_heads, 1, d), rotation)
+            qkv = mx.concatenate([step_linear(self[n], tables.get(n), h) for n in _QKV], axis=-1)
+        qk_heads = self.n_heads + self.n_kv_heads
+        composed = composes_fast_ops()
+        if composed:  # q, k and v rotated by one product (see `step_rotation`)
+            heads = qkv.reshape(b, qk_heads + self.n_kv_heads, 1, d) @ rotation
+            q, k, v = mx.split(heads, [self.n_heads, qk_heads], axis=1)  # one node
+            q = q.reshape(b, self.n_kv_heads, groups, d)
+        else:  # one RoPE call for q and k, adjacent in the fused projection
+            qk, v = mx.split(qkv, [qk_heads * d], axis=-1)
+            qk = self._rope(qk.reshape(b, qk_heads, 1, d), rotation)
             q, k = qk[:, : self.n_heads], qk[:, self.n_heads:]
-        v = v.reshape(b, self.n_kv_heads, 1, d)
+            v = v.reshape(b, self.n_kv_heads, 1, d)
         attended, buffers = [], []
         for i, (kind, state, position, shared) in enumerate(rows):
             one = slice(i, i + 1) if len(rows) > 1 else slice(None)  # one entry: all B rows

@@ -290,27 +290,31 @@ def test_a_sliding_cache_leaves_its_ring_holding_what_the_plain_path_holds(tiny_
 
 
 def test_the_step_rotation_is_mlx_ropes_arithmetic(tiny_model):
-    """Where the step composes RoPE itself, its shared rotation matrices are what
-    `mx.fast.rope` does to each unit vector (bit for bit on MLX's CPU composition), for rows
-    at their own positions, and rotate any vector as it does; the queries' matrix also
-    carries the softmax scale. Elsewhere the step hands RoPE the offsets."""
+    """Where the step composes RoPE itself, its shared rotation matrices (one per head of
+    the fused q/k/v projection) are what `mx.fast.rope` does to each unit vector (bit for
+    bit on MLX's CPU composition), for rows at their own positions, and rotate any vector
+    as it does; the query heads' also carry the softmax scale, the value heads' are the
+    identity. Elsewhere the step hands RoPE the offsets."""
     from mlx_gptoss.model import composes_fast_ops
 
     attn = tiny_model.layers[0].self_attn  # YaRN, as the checkpoints configure it
-    d, kv = attn.head_dim, attn.n_kv_heads
+    d, kv, heads = attn.head_dim, attn.n_kv_heads, attn.n_heads
     offsets = mx.array([0, 7, 131071])
     rotation = attn.step_rotation(offsets, mx.float32)
     if not composes_fast_ops():
         assert rotation is offsets
         return
-    rotate_q, rotate_k = rotation
-    assert rotate_k.shape == rotate_q.shape == (3, kv, d, d)
+    assert rotation.shape == (3, heads + 2 * kv, d, d)
+    rotate_q, rotate_k, identity = np.split(np.array(rotation), [heads, heads + kv], axis=1)
     # Row j of R is what RoPE makes of the unit vector e_j: x @ R rotates x.
     units = mx.broadcast_to(mx.eye(d)[None, :, None], (3, d, 1, d))  # d "heads", one each
-    rows = attn._rope(units, offsets)[:, :, 0]
+    rows = np.array(attn._rope(units, offsets)[:, :, 0])
+    for h in range(heads):
+        np.testing.assert_array_equal(rotate_q[:, h], rows * attn.scale)
     for h in range(kv):
-        np.testing.assert_array_equal(np.array(rotate_k[:, h]), np.array(rows))
-        np.testing.assert_array_equal(np.array(rotate_q[:, h]), np.array(rows * attn.scale))
+        np.testing.assert_array_equal(rotate_k[:, h], rows)
+        np.testing.assert_array_equal(identity[:, h], np.broadcast_to(np.eye(d), (3, d, d)))
+    rotate_k = mx.array(rotate_k)
     x = mx.random.normal((3, kv, 2, d), key=mx.random.key(0))  # 2 query heads per kv head
     expected = attn._rope(x.reshape(3, 2 * kv, 1, d), offsets).reshape(x.shape)
     np.testing.assert_allclose(np.array(x @ rotate_k), np.array(expected), rtol=1e-5,
