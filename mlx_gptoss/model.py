@@ -524,15 +524,23 @@ class Experts(nn.Module):
         """`residual + sum_k w_k (down_k + bias_k)` -> `[N, H]` for the compiled step: the
         unsorted products of `__call__`, combined with the routing `weights [N, k]` by one
         `addmm` that also adds the residual. The three biases of each chosen expert come in
-        one gather from `step_tables`' `expert_biases` (one kernel where there were three)."""
+        one gather from `step_tables`' `expert_biases` (one kernel where there were three).
+
+        One row (`N == 1`, a single sequence's decode) stays 2-D: `gather_qmm` reads a 2-D
+        `x` as that one row, and the combine is a plain `[1, k] @ [k, H]` (the same products,
+        bit for bit), four views fewer per layer than the batched shapes."""
         n, k = chosen.shape
         up_rows, down_rows = _pair_rows(n, k)
-        h = self.gate_up(mx.expand_dims(x, -2), chosen, False, up_rows, bias=False)
+        one_row = n == 1
+        h = self.gate_up(x if one_row else mx.expand_dims(x, -2), chosen, False, up_rows,
+                         bias=False)
         i = self.intermediate
         gate_bias, up_bias, down_bias = mx.split(tables["expert_biases"][chosen], [i, 2 * i],
                                                  axis=-1)  # [N, k, 1, 2i + H], one node
         h = clamped_swiglu(*mx.split(h, 2, axis=-1), gate_bias, up_bias, self.limit, self.alpha)
-        y = self.down(h, chosen, False, down_rows, bias=False) + down_bias
+        y = self.down(h, chosen, False, down_rows, bias=False) + down_bias  # [N, k, 1, H]
+        if one_row:
+            return mx.addmm(residual, weights, y.reshape(k, -1))
         return mx.addmm(residual[:, None], weights[:, None], y.squeeze(-2)).squeeze(1)
 
     def step_tables(self) -> dict[str, mx.array]:

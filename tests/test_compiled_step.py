@@ -444,3 +444,21 @@ def test_step_tables_are_made_once_per_batch_size(tiny_model):
     mx.eval(tiny_model.step_rows(mx.array([5]), rows[1:]))
     assert attn._qkv[0] is fused
     assert tiny_model._tables.by_batch[1] is one and 2 in tiny_model._tables.by_batch
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_one_rows_experts_equal_its_row_in_a_batch_bit_for_bit(tiny_model, dtype):
+    """A single row's step keeps the experts 2-D (`Experts.one_token`: no `[B, 1, H]` views);
+    the batched shapes give each row exactly the same numbers, so a sequence decodes the same
+    alone as in an engine's batch."""
+    block = tiny_model.layers[0]
+    hidden = tiny_model.config.hidden_size
+    x = mx.random.normal((3, hidden), key=mx.random.key(7)).astype(dtype)
+    residual = mx.random.normal((3, hidden), key=mx.random.key(8)).astype(dtype)
+    mlp = block.mlp
+    batched = mlp.one_token(x, residual, block.step_tables(3))
+    for row in range(3):
+        alone = mlp.one_token(x[row:row + 1], residual[row:row + 1], block.step_tables(1))
+        assert alone.shape == (1, hidden)
+        assert mx.array_equal(alone, batched[row:row + 1]).item()
+    assert not mx.array_equal(batched[0], batched[1]).item()  # the rows differ: a real check
